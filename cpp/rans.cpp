@@ -1,0 +1,375 @@
+#include "rans.h"
+
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstring>
+#include <exception>
+
+#include "crc32c.h"
+#include "errors.h"
+#include "rans_internal.h"
+
+namespace eoq {
+namespace rans {
+namespace {
+
+// ---- little-endian byte I/O --------------------------------------------------------
+
+template <typename T>
+void put(std::vector<uint8_t>& out, T v) {
+  uint8_t b[sizeof(T)];
+  std::memcpy(b, &v, sizeof(T));
+  out.insert(out.end(), b, b + sizeof(T));
+}
+
+// A cursor that refuses to read past the end: every length in a stream is untrusted.
+struct Reader {
+  const uint8_t* p;
+  size_t len;
+  size_t pos = 0;
+  template <typename T>
+  T get(const char* what) {
+    if (len - pos < sizeof(T))
+      throw CorruptStream("rANS stream truncated: header ends inside '" + std::string(what) +
+                          "' at byte " + std::to_string(pos) + " of " + std::to_string(len));
+    T v;
+    std::memcpy(&v, p + pos, sizeof(T));
+    pos += sizeof(T);
+    return v;
+  }
+};
+
+// ---- encoder -----------------------------------------------------------------------
+
+struct EncSymbol {
+  uint64_t x_max;  // renormalise before the push while x >= x_max
+  uint32_t mult;   // exact x / freq = (t + ((x - t) >> sh1)) >> sh2, t = mulhi(x, mult)
+  uint32_t sh1, sh2;
+  uint32_t cum;
+  uint32_t cmpl;   // M - freq: x' = x + cum + q * (M - freq)
+};
+
+std::vector<EncSymbol> make_enc_table(const std::vector<uint32_t>& freq, int scale_bits) {
+  std::vector<EncSymbol> t(freq.size());
+  uint32_t cum = 0;
+  const uint32_t M = 1u << scale_bits;
+  for (size_t s = 0; s < freq.size(); ++s) {
+    const uint32_t f = freq[s];
+    EncSymbol& e = t[s];
+    e.cum = cum;
+    e.cmpl = M - f;
+    e.x_max = static_cast<uint64_t>(f) << (32 - scale_bits);
+    if (f > 0) {
+      uint32_t l = 0;
+      while ((1ull << l) < f) ++l;  // l = ceil(log2 f)
+      e.mult = static_cast<uint32_t>((((1ull << l) - f) << 32) / f + 1);
+      e.sh1 = l > 0 ? 1 : 0;
+      e.sh2 = l > 0 ? l - 1 : 0;
+    }
+    cum += f;
+  }
+  return t;
+}
+
+inline uint32_t div_by(uint32_t x, const EncSymbol& e) {
+  const uint32_t t = static_cast<uint32_t>((static_cast<uint64_t>(x) * e.mult) >> 32);
+  return (t + ((x - t) >> e.sh1)) >> e.sh2;
+}
+
+// Codes one chunk; returns its payload (kLanes states, then the words in decode order).
+std::vector<uint8_t> encode_chunk(const uint8_t* sym, uint32_t m, const std::vector<EncSymbol>& tab) {
+  uint32_t x[kLanes];
+  for (int j = 0; j < kLanes; ++j) x[j] = kL;
+  // At most one 16-bit word per symbol (frequencies are >= 1 of <= 2^15 slots).
+  std::vector<uint16_t> words(m);
+  size_t pos = m;
+  for (uint32_t i = m; i-- > 0;) {
+    const EncSymbol& e = tab[sym[i]];
+    uint32_t& s = x[i % kLanes];
+    if (s >= e.x_max) {
+      words[--pos] = static_cast<uint16_t>(s);
+      s >>= 16;
+    }
+    s = s + e.cum + div_by(s, e) * e.cmpl;
+  }
+  std::vector<uint8_t> out(4 * kLanes + 2 * (m - pos));
+  std::memcpy(out.data(), x, 4 * kLanes);
+  std::memcpy(out.data() + 4 * kLanes, words.data() + pos, 2 * (m - pos));
+  return out;
+}
+
+std::vector<uint64_t> histogram(const uint8_t* sym, uint64_t n, uint32_t chunk, uint32_t n_chunks) {
+  std::vector<std::vector<uint64_t>> part(n_chunks, std::vector<uint64_t>(256, 0));
+  at::parallel_for(0, n_chunks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t c = b; c < e; ++c) {
+      const uint64_t lo = static_cast<uint64_t>(c) * chunk, hi = std::min<uint64_t>(n, lo + chunk);
+      uint64_t* h = part[c].data();
+      for (uint64_t i = lo; i < hi; ++i) ++h[sym[i]];
+    }
+  });
+  std::vector<uint64_t> total(256, 0);
+  for (const auto& p : part)
+    for (int s = 0; s < 256; ++s) total[s] += p[s];
+  return total;
+}
+
+void check_params(int scale_bits, uint32_t chunk_size) {
+  if (scale_bits < kMinScaleBits || scale_bits > kMaxScaleBits)
+    throw InvalidInput("rans_encode: scale_bits must be in [" + std::to_string(kMinScaleBits) + ", " +
+                       std::to_string(kMaxScaleBits) + "], got " + std::to_string(scale_bits));
+  if (chunk_size < kMinChunk || chunk_size > kMaxChunk || chunk_size % kLanes != 0)
+    throw InvalidInput("rans_encode: chunk_size must be a multiple of 32 in [65536, 1048576], got " +
+                       std::to_string(chunk_size));
+}
+
+// ---- decoder selection ---------------------------------------------------------------
+
+ChunkDecoder pick_decoder(std::string* name) {
+  if (name) *name = "scalar";
+  return decode_chunk_scalar;
+}
+
+}  // namespace
+
+// ---- frequency normalisation ------------------------------------------------------------
+
+std::vector<uint32_t> normalize_freqs(const std::vector<uint64_t>& counts, int scale_bits) {
+  const uint32_t M = 1u << scale_bits;
+  unsigned __int128 n = 0;
+  for (uint64_t c : counts) n += c;
+  std::vector<uint32_t> f(counts.size(), 0);
+  if (n == 0) return f;
+  int64_t sum = 0;
+  for (size_t s = 0; s < counts.size(); ++s) {
+    if (!counts[s]) continue;
+    const uint64_t v = static_cast<uint64_t>((static_cast<unsigned __int128>(counts[s]) * M) / n);
+    f[s] = static_cast<uint32_t>(std::max<uint64_t>(1, v));
+    sum += f[s];
+  }
+  // Greedy repair of the total: each step moves the one slot whose move changes the
+  // coded size sum(count * log2(M / f)) the least (ties: lowest symbol).
+  while (sum != M) {
+    const bool grow = sum < static_cast<int64_t>(M);
+    size_t best = counts.size();
+    double best_cost = 0;
+    for (size_t s = 0; s < counts.size(); ++s) {
+      if (!counts[s] || (!grow && f[s] <= 1)) continue;
+      const double c = static_cast<double>(counts[s]);
+      const double cost = grow ? -c * std::log2((f[s] + 1.0) / f[s]) : c * std::log2(f[s] / (f[s] - 1.0));
+      if (best == counts.size() || cost < best_cost) {
+        best = s;
+        best_cost = cost;
+      }
+    }
+    f[best] += grow ? 1 : -1;
+    sum += grow ? 1 : -1;
+  }
+  return f;
+}
+
+// ---- stream encode ---------------------------------------------------------------------
+
+std::vector<uint8_t> encode(const uint8_t* symbols, uint64_t n, int scale_bits, uint32_t chunk_size) {
+  check_params(scale_bits, chunk_size);
+  const uint64_t n_chunks64 = (n + chunk_size - 1) / chunk_size;
+  if (n_chunks64 > 0xFFFFFFFFull) throw InvalidInput("rans_encode: too many symbols");
+  const uint32_t n_chunks = static_cast<uint32_t>(n_chunks64);
+
+  const std::vector<uint64_t> counts = histogram(symbols, n, chunk_size, n_chunks);
+  uint32_t alphabet = 256;
+  while (alphabet > 0 && counts[alphabet - 1] == 0) --alphabet;
+  std::vector<uint64_t> used(counts.begin(), counts.begin() + alphabet);
+  const std::vector<uint32_t> freq = normalize_freqs(used, scale_bits);
+  const std::vector<EncSymbol> tab = make_enc_table(freq, scale_bits);
+
+  std::vector<std::vector<uint8_t>> payload(n_chunks);
+  std::vector<uint32_t> crc(n_chunks);
+  at::parallel_for(0, n_chunks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t c = b; c < e; ++c) {
+      const uint64_t lo = static_cast<uint64_t>(c) * chunk_size;
+      const uint32_t m = static_cast<uint32_t>(std::min<uint64_t>(n - lo, chunk_size));
+      payload[c] = encode_chunk(symbols + lo, m, tab);
+      crc[c] = crc32c(symbols + lo, m);
+    }
+  });
+
+  std::vector<uint8_t> out;
+  out.insert(out.end(), kMagic, kMagic + 4);
+  put<uint8_t>(out, kVersion);
+  put<uint8_t>(out, static_cast<uint8_t>(scale_bits));
+  put<uint8_t>(out, kLanes);
+  put<uint8_t>(out, 0);  // flags, reserved
+  put<uint64_t>(out, n);
+  put<uint32_t>(out, chunk_size);
+  put<uint32_t>(out, n_chunks);
+  put<uint16_t>(out, static_cast<uint16_t>(alphabet));
+  for (uint32_t f : freq) put<uint16_t>(out, static_cast<uint16_t>(f));
+  for (uint32_t c = 0; c < n_chunks; ++c) {
+    put<uint32_t>(out, static_cast<uint32_t>(payload[c].size()));
+    put<uint32_t>(out, crc[c]);
+  }
+  put<uint32_t>(out, crc32c(out.data(), out.size()));
+  size_t total = out.size();
+  for (const auto& p : payload) total += p.size();
+  out.reserve(total);
+  for (const auto& p : payload) out.insert(out.end(), p.begin(), p.end());
+  return out;
+}
+
+// ---- stream parse and decode -------------------------------------------------------------
+
+Header parse(const uint8_t* stream, size_t len) {
+  Reader r{stream, len};
+  uint8_t magic[4];
+  for (int i = 0; i < 4; ++i) magic[i] = r.get<uint8_t>("magic");
+  if (std::memcmp(magic, kMagic, 4) != 0) throw CorruptStream("not an EOQR rANS stream (bad magic)");
+  const uint8_t version = r.get<uint8_t>("version");
+  if (version != kVersion)
+    throw CorruptStream("unsupported EOQR version " + std::to_string(version) + " (this build reads " +
+                        std::to_string(kVersion) + ")");
+  Header h;
+  h.scale_bits = r.get<uint8_t>("scale_bits");
+  if (h.scale_bits < kMinScaleBits || h.scale_bits > kMaxScaleBits)
+    throw CorruptStream("bad scale_bits " + std::to_string(h.scale_bits));
+  const uint8_t lanes = r.get<uint8_t>("lanes");
+  if (lanes != kLanes) throw CorruptStream("bad lane count " + std::to_string(lanes));
+  if (r.get<uint8_t>("flags") != 0) throw CorruptStream("reserved flags are set");
+  h.n_symbols = r.get<uint64_t>("n_symbols");
+  h.chunk_size = r.get<uint32_t>("chunk_size");
+  if (h.chunk_size < kMinChunk || h.chunk_size > kMaxChunk || h.chunk_size % kLanes)
+    throw CorruptStream("bad chunk_size " + std::to_string(h.chunk_size));
+  h.n_chunks = r.get<uint32_t>("n_chunks");
+  if (h.n_chunks != (h.n_symbols + h.chunk_size - 1) / h.chunk_size)
+    throw CorruptStream("chunk count " + std::to_string(h.n_chunks) + " does not match " +
+                        std::to_string(h.n_symbols) + " symbols");
+  h.alphabet = r.get<uint16_t>("alphabet");
+  if (h.alphabet > 256) throw CorruptStream("alphabet larger than 256");
+  if ((h.alphabet == 0) != (h.n_symbols == 0)) throw CorruptStream("alphabet size inconsistent with length");
+  h.freq.resize(h.alphabet);
+  uint64_t fsum = 0;
+  for (auto& f : h.freq) fsum += (f = r.get<uint16_t>("frequency table"));
+  if (h.alphabet > 0 && (fsum != (1u << h.scale_bits) || h.freq.back() == 0))
+    throw CorruptStream("frequency table does not sum to 2^scale_bits");
+  // The index is 8 bytes a chunk: check it fits before sizing anything from n_chunks.
+  if ((len - r.pos) / 8 < h.n_chunks) throw CorruptStream("rANS stream truncated inside the chunk index");
+  h.chunk_bytes.resize(h.n_chunks);
+  h.chunk_crc.resize(h.n_chunks);
+  for (uint32_t c = 0; c < h.n_chunks; ++c) {
+    h.chunk_bytes[c] = r.get<uint32_t>("chunk index");
+    h.chunk_crc[c] = r.get<uint32_t>("chunk index");
+  }
+  const size_t crc_at = r.pos;
+  if (r.get<uint32_t>("header crc") != crc32c(stream, crc_at)) throw CorruptStream("header checksum mismatch");
+  h.header_bytes = r.pos;
+  uint64_t total = h.header_bytes;
+  for (uint32_t c = 0; c < h.n_chunks; ++c) {
+    if (h.chunk_bytes[c] < 4u * kLanes || (h.chunk_bytes[c] - 4u * kLanes) % 2)
+      throw CorruptStream("chunk " + std::to_string(c) + " has an impossible size");
+    total += h.chunk_bytes[c];
+  }
+  if (total != len)
+    throw CorruptStream(std::string("rANS stream is ") + (len < total ? "truncated" : "followed by extra bytes") +
+                        ": header says " + std::to_string(total) + " bytes, got " + std::to_string(len));
+  return h;
+}
+
+DecodeTable make_decode_table(const Header& h) {
+  DecodeTable t;
+  t.scale_bits = h.scale_bits;
+  t.mask = (1u << h.scale_bits) - 1;
+  t.info.resize(size_t(1) << h.scale_bits);
+  t.sym.resize(size_t(1) << h.scale_bits);
+  uint32_t cum = 0;
+  for (uint32_t s = 0; s < h.alphabet; ++s) {
+    for (uint32_t k = 0; k < h.freq[s]; ++k) {
+      t.info[cum + k] = h.freq[s] | (k << 16);
+      t.sym[cum + k] = static_cast<uint8_t>(s);
+    }
+    cum += h.freq[s];
+  }
+  return t;
+}
+
+void decode_chunk_scalar(const DecodeTable& t, const uint8_t* payload, size_t bytes, uint32_t m,
+                         uint8_t* out) {
+  uint32_t x[kLanes];
+  std::memcpy(x, payload, 4 * kLanes);
+  for (int j = 0; j < kLanes; ++j)
+    if (x[j] < kL) throw CorruptStream("initial state below 2^16");
+  const uint8_t* w = payload + 4 * kLanes;
+  const size_t n_words = (bytes - 4 * kLanes) / 2;
+  size_t rp = 0;
+  const int sb = t.scale_bits;
+  const uint32_t mask = t.mask;
+  const uint32_t* info = t.info.data();
+  const uint8_t* sym = t.sym.data();
+  uint32_t i = 0;
+  // Whole groups while at least kLanes words remain: reads need no check.
+  for (; i + kLanes <= m && n_words - rp >= kLanes; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      uint32_t s = x[j];
+      const uint32_t slot = s & mask, e = info[slot];
+      out[i + j] = sym[slot];
+      s = (e & 0xFFFFu) * (s >> sb) + (e >> 16);
+      uint16_t word;
+      std::memcpy(&word, w + 2 * rp, 2);
+      const bool need = s < kL;
+      x[j] = need ? (s << 16) | word : s;
+      rp += need;
+    }
+  }
+  for (; i < m; ++i) {  // the tail, every read checked
+    uint32_t& s = x[i % kLanes];
+    const uint32_t slot = s & mask, e = info[slot];
+    out[i] = sym[slot];
+    s = (e & 0xFFFFu) * (s >> sb) + (e >> 16);
+    if (s < kL) {
+      if (rp >= n_words) throw CorruptStream("chunk payload ends before its last symbol");
+      uint16_t word;
+      std::memcpy(&word, w + 2 * rp, 2);
+      s = (s << 16) | word;
+      ++rp;
+    }
+  }
+  if (rp != n_words) throw CorruptStream("chunk payload has unread words");
+  for (int j = 0; j < kLanes; ++j)
+    if (x[j] != kL) throw CorruptStream("final state check failed");
+}
+
+void decode(const uint8_t* stream, size_t len, const Header& h, uint8_t* out) {
+  if (h.n_symbols == 0) return;
+  const DecodeTable table = make_decode_table(h);
+  const ChunkDecoder decode_chunk = pick_decoder(nullptr);
+  std::vector<uint64_t> offset(h.n_chunks);
+  uint64_t off = h.header_bytes;
+  for (uint32_t c = 0; c < h.n_chunks; ++c) {
+    offset[c] = off;
+    off += h.chunk_bytes[c];
+  }
+  std::vector<std::string> error(h.n_chunks);
+  at::parallel_for(0, h.n_chunks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t c = b; c < e; ++c) {
+      const uint64_t lo = static_cast<uint64_t>(c) * h.chunk_size;
+      const uint32_t m = static_cast<uint32_t>(std::min<uint64_t>(h.n_symbols - lo, h.chunk_size));
+      try {
+        decode_chunk(table, stream + offset[c], h.chunk_bytes[c], m, out + lo);
+        if (crc32c(out + lo, m) != h.chunk_crc[c]) throw CorruptStream("checksum of decoded symbols mismatch");
+      } catch (const std::exception& ex) {
+        error[c] = ex.what();
+      }
+    }
+  });
+  for (uint32_t c = 0; c < h.n_chunks; ++c)
+    if (!error[c].empty())
+      throw CorruptStream("rANS chunk " + std::to_string(c) + " of " + std::to_string(h.n_chunks) + ": " + error[c]);
+}
+
+std::string decoder_name() {
+  std::string name;
+  pick_decoder(&name);
+  return name;
+}
+
+}  // namespace rans
+}  // namespace eoq

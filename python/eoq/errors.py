@@ -1,0 +1,6 @@
+"""Exceptions raised by eoq."""
+
+from ._C import CorruptStreamError  # noqa: F401  (defined by the extension, a ValueError)
+
+CorruptStreamError.__doc__ = "A coded stream (rANS, packed bits) is corrupt or truncated; the message says what is wrong."
+CorruptStreamError.__module__ = "eoq"

@@ -1,0 +1,212 @@
+"""Thin Python wrappers over the C++ kernels (eoq._C).
+
+Each wrapper checks and converts its arguments (dtype, contiguity, ranges) and names the
+problem in a ValueError; the kernels do the work, in parallel over torch's intra-op
+threads (``torch.set_num_threads``), with results that do not depend on the thread count.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from . import _C
+from .errors import CorruptStreamError
+
+RANS_DEFAULT_SCALE_BITS = _C.RANS_DEFAULT_SCALE_BITS
+RANS_DEFAULT_CHUNK = _C.RANS_DEFAULT_CHUNK
+
+
+def _u8_1d(t, what: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.uint8:
+        raise ValueError(f"{what} must be uint8, got {t.dtype}")
+    if t.dim() != 1:
+        raise ValueError(f"{what} must be 1-D, got shape {tuple(t.shape)}")
+    return t.detach().cpu().contiguous()
+
+
+def _float(t, what: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise ValueError(f"{what} must be a floating-point tensor, got {t.dtype}")
+    return t.detach().cpu().to(torch.float32).contiguous()
+
+
+# ---- rANS ------------------------------------------------------------------------------
+
+
+def rans_encode(symbols: torch.Tensor, scale_bits: int = RANS_DEFAULT_SCALE_BITS,
+                chunk_size: int = RANS_DEFAULT_CHUNK) -> torch.Tensor:
+    """Entropy-code a 1-D uint8 tensor into a self-describing EOQR stream (uint8 tensor).
+
+    scale_bits (10..15) sets the frequency resolution 2^scale_bits; chunk_size
+    (65536..1048576, a multiple of 32) the symbols per independently decodable chunk.
+    """
+    return _C.rans_encode(_u8_1d(symbols, "symbols"), int(scale_bits), int(chunk_size))
+
+
+def rans_decode(stream: torch.Tensor) -> torch.Tensor:
+    """Decode an EOQR stream; raises CorruptStreamError if it is corrupt or truncated."""
+    return _C.rans_decode(_u8_1d(stream, "stream"))
+
+
+def rans_info(stream: torch.Tensor) -> dict:
+    """The validated header of an EOQR stream (length, table, chunk index) without decoding."""
+    return _C.rans_info(_u8_1d(stream, "stream"))
+
+
+def rans_decoder() -> str:
+    """Name of the chunk decoder this CPU uses (every one gives the same symbols)."""
+    return _C.rans_decoder_name()
+
+
+def crc32c(data: torch.Tensor) -> int:
+    """CRC32C (Castagnoli) of a 1-D uint8 tensor."""
+    return _C.crc32c(_u8_1d(data, "data"), False)
+
+
+# ---- bit packing ------------------------------------------------------------------------
+
+
+def _check_bits(k: int) -> int:
+    if not 1 <= int(k) <= 8:
+        raise ValueError(f"bit width must be in 1..8, got {k}")
+    return int(k)
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack 1-D uint8 codes < 2^bits densely, LSB first: n codes -> ceil(n*bits/8) bytes."""
+    return _C.pack_bits(_u8_1d(codes, "codes"), _check_bits(bits))
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of pack_bits; raises CorruptStreamError if the byte count or padding is wrong."""
+    if int(n) < 0:
+        raise ValueError(f"n must be non-negative, got {n}")
+    return _C.unpack_bits(_u8_1d(packed, "packed"), _check_bits(bits), int(n))
+
+
+# ---- block absmax ------------------------------------------------------------------------
+
+
+def _check_absmax(bits: int, block: int) -> None:
+    if not 2 <= int(bits) <= 8:
+        raise ValueError(f"absmax: bits must be in 2..8, got {bits}")
+    if not 16 <= int(block) <= 256:
+        raise ValueError(f"absmax: block must be in 16..256, got {block}")
+
+
+def absmax_quantize(weight: torch.Tensor, bits: int, block: int = 32,
+                    importance: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric block absmax along the input dimension of a 2-D weight.
+
+    Returns (codes uint8 [rows, cols] in [0, 2^bits), scales fp16 [rows, ceil(cols/block)]).
+    With ``importance`` (one non-negative value per input column) each block's scale is
+    searched to minimise the importance-weighted squared error.
+    """
+    _check_absmax(bits, block)
+    w = _float(weight, "weight")
+    if w.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features x in_features), got shape {tuple(w.shape)}")
+    imp = None
+    if importance is not None:
+        imp = _float(importance, "importance").reshape(-1)
+        if imp.numel() != w.shape[1]:
+            raise ValueError(f"importance has {imp.numel()} values, weight has {w.shape[1]} input columns")
+        if not bool(torch.isfinite(imp).all()) or bool((imp < 0).any()):
+            raise ValueError("importance must be finite and non-negative")
+    return _C.absmax_quantize(w, int(bits), int(block), imp)
+
+
+def absmax_dequantize(codes: torch.Tensor, scales: torch.Tensor, bits: int, block: int = 32,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Rebuild weights from absmax codes and fp16 scales."""
+    _check_absmax(bits, block)
+    if codes.dtype != torch.uint8 or codes.dim() != 2:
+        raise ValueError(f"codes must be 2-D uint8, got {codes.dtype} {tuple(codes.shape)}")
+    if codes.numel() and int(codes.max()) >= 1 << int(bits):
+        raise ValueError(f"codes must be < 2^{bits}, found {int(codes.max())}")
+    out = _C.absmax_dequantize(codes.cpu().contiguous(), scales.cpu().to(torch.float16).contiguous(), int(bits), int(block))
+    return out.to(dtype)
+
+
+# ---- Walsh-Hadamard ------------------------------------------------------------------------
+
+
+def hadamard_signs(n: int, seed: int) -> torch.Tensor:
+    """The n random +-1 signs (float32) that seed gives (splitmix64, see docs/FORMAT.md)."""
+    return _C.hadamard_signs(int(n), int(seed) & 0xFFFFFFFFFFFFFFFF)
+
+
+def hadamard(x: torch.Tensor, block: Optional[int] = None, seed: Optional[int] = None,
+             inverse: bool = False) -> torch.Tensor:
+    """Orthonormal Walsh-Hadamard transform along the last dimension, in blocks of 2^k.
+
+    block defaults to the whole last dimension (which must then be a power of two). With a
+    seed, random signs D are applied: forward H D x, inverse D H y, so
+    ``hadamard(hadamard(x, seed=s), seed=s, inverse=True) == x``; without one the transform
+    is its own inverse. Computed in float32, returned in x's dtype.
+    """
+    xf = _float(x, "x")
+    if xf.dim() == 0:
+        raise ValueError("x must have at least one dimension")
+    n = xf.shape[-1]
+    block = n if block is None else int(block)
+    if block <= 0 or block & (block - 1):
+        raise ValueError(f"hadamard: block must be a power of two, got {block}")
+    if n % block:
+        raise ValueError(f"hadamard: last dimension {n} is not a multiple of the block {block}")
+    out = xf.clone() if xf.data_ptr() == x.data_ptr() else xf
+    signs = hadamard_signs(block, seed) if seed is not None else None
+    if out.numel():
+        _C.hadamard_(out, block, signs, bool(inverse))
+    return out.to(x.dtype)
+
+
+# ---- Lloyd-Max --------------------------------------------------------------------------
+
+
+class Codebook(NamedTuple):
+    centroids: torch.Tensor   # float64 [2^bits], increasing
+    boundaries: torch.Tensor  # float64 [2^bits - 1], midpoints of neighbouring centroids
+    mse: float                # expected squared error under the density
+    iterations: int
+
+
+def lloyd_max(bits: int, density: str = "gaussian", dim: Optional[int] = None, grid: int = 8193,
+              iters: int = 1000, tol: float = 1e-12) -> Codebook:
+    """Lloyd-Max codebook for N(0,1) (``density="gaussian"``) or for one coordinate of a
+    uniformly random unit vector in ``dim`` dimensions (``density="sphere"``, Beta-type)."""
+    if density == "sphere" and dim is None:
+        raise ValueError("lloyd_max: the sphere density needs dim")
+    c, b, mse, it = _C.lloyd_max(str(density), int(bits), int(dim or 0), int(grid), int(iters), float(tol))
+    return Codebook(c, b, mse, it)
+
+
+def codebook_quantize(x: torch.Tensor, boundaries: torch.Tensor) -> torch.Tensor:
+    """Nearest-centroid codes through sorted boundaries: code = #{b <= x} (uint8, x's shape)."""
+    b = _float(boundaries, "boundaries").reshape(-1)
+    if b.numel() > 1 and not bool((b[1:] > b[:-1]).all()):
+        raise ValueError("boundaries must be strictly increasing")
+    return _C.codebook_quantize(_float(x, "x"), b)
+
+
+def codebook_dequantize(codes: torch.Tensor, centroids: torch.Tensor,
+                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Centroid of each code."""
+    if codes.dtype != torch.uint8:
+        raise ValueError(f"codes must be uint8, got {codes.dtype}")
+    if codes.numel() and int(codes.max()) >= centroids.numel():
+        raise ValueError(f"code {int(codes.max())} has no centroid (codebook of {centroids.numel()})")
+    return centroids.to(dtype)[codes.long()]
+
+
+__all__ = [
+    "CorruptStreamError", "rans_encode", "rans_decode", "rans_info", "rans_decoder", "crc32c",
+    "pack_bits", "unpack_bits", "absmax_quantize", "absmax_dequantize", "hadamard", "hadamard_signs",
+    "lloyd_max", "Codebook", "codebook_quantize", "codebook_dequantize",
+]
