@@ -45,12 +45,21 @@ Tensor rans_encode(const Tensor& symbols, int scale_bits, int64_t chunk_size) {
   return out;
 }
 
-Tensor rans_decode(const Tensor& stream) {
+// Decodes into `out` when given (a reused buffer skips the page faults of a fresh one).
+Tensor rans_decode(const Tensor& stream, const c10::optional<Tensor>& out_opt) {
   require_u8_1d(stream, "stream");
   const uint8_t* p = stream.data_ptr<uint8_t>();
   const size_t len = stream.numel();
   const eoq::rans::Header h = eoq::rans::parse(p, len);
-  Tensor out = torch::empty({static_cast<int64_t>(h.n_symbols)}, torch::kUInt8);
+  Tensor out;
+  if (out_opt) {
+    out = *out_opt;
+    require_u8_1d(out, "out");
+    require(static_cast<uint64_t>(out.numel()) == h.n_symbols,
+            "out has " + std::to_string(out.numel()) + " elements, the stream holds " + std::to_string(h.n_symbols));
+  } else {
+    out = torch::empty({static_cast<int64_t>(h.n_symbols)}, torch::kUInt8);
+  }
   py::gil_scoped_release nogil;
   eoq::rans::decode(p, len, h, out.data_ptr<uint8_t>());
   return out;

@@ -3,6 +3,7 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 
@@ -42,21 +43,19 @@ struct Reader {
 
 // ---- encoder -----------------------------------------------------------------------
 
-struct EncSymbol {
-  uint64_t x_max;  // renormalise before the push while x >= x_max
-  uint32_t mult;   // exact x / freq = (t + ((x - t) >> sh1)) >> sh2, t = mulhi(x, mult)
-  uint32_t sh1, sh2;
-  uint32_t cum;
-  uint32_t cmpl;   // M - freq: x' = x + cum + q * (M - freq)
-};
-
-std::vector<EncSymbol> make_enc_table(const std::vector<uint32_t>& freq, int scale_bits) {
-  std::vector<EncSymbol> t(freq.size());
+EncTable make_enc_table(const std::vector<uint32_t>& freq, int scale_bits) {
+  EncTable tab;
+  tab.scale_bits = scale_bits;
+  tab.sym.resize(freq.size());
+  tab.mult.assign(256, 0);
+  tab.thr.assign(256, 0);
+  tab.cc.assign(256, 0);
   uint32_t cum = 0;
   const uint32_t M = 1u << scale_bits;
   for (size_t s = 0; s < freq.size(); ++s) {
     const uint32_t f = freq[s];
-    EncSymbol& e = t[s];
+    EncSymbol& e = tab.sym[s];
+    e = EncSymbol{};
     e.cum = cum;
     e.cmpl = M - f;
     e.x_max = static_cast<uint64_t>(f) << (32 - scale_bits);
@@ -66,10 +65,14 @@ std::vector<EncSymbol> make_enc_table(const std::vector<uint32_t>& freq, int sca
       e.mult = static_cast<uint32_t>((((1ull << l) - f) << 32) / f + 1);
       e.sh1 = l > 0 ? 1 : 0;
       e.sh2 = l > 0 ? l - 1 : 0;
+      // x >= x_max  <=>  (x >> 16) > (x_max >> 16) - 1, and x_max >> 16 <= 2^16
+      tab.mult[s] = e.mult;
+      tab.thr[s] = static_cast<uint32_t>((e.x_max >> 16) - 1) | e.sh2 << 16 | e.sh1 << 24;
+      tab.cc[s] = e.cum | e.cmpl << 16;
     }
     cum += f;
   }
-  return t;
+  return tab;
 }
 
 inline uint32_t div_by(uint32_t x, const EncSymbol& e) {
@@ -77,25 +80,40 @@ inline uint32_t div_by(uint32_t x, const EncSymbol& e) {
   return (t + ((x - t) >> e.sh1)) >> e.sh2;
 }
 
+inline void encode_one(uint32_t& s, const EncSymbol& e, uint16_t* words, size_t& pos) {
+  if (s >= e.x_max) {
+    words[--pos] = static_cast<uint16_t>(s);
+    s >>= 16;
+  }
+  s = s + e.cum + div_by(s, e) * e.cmpl;
+}
+
+void encode_groups_scalar(const EncTable& t, const uint8_t* sym, uint32_t n_groups, uint32_t* x,
+                          uint16_t* words, size_t* pos) {
+  size_t p = *pos;
+  const EncSymbol* tab = t.sym.data();
+  for (uint32_t i = n_groups * kLanes; i-- > 0;) encode_one(x[i % kLanes], tab[sym[i]], words, p);
+  *pos = p;
+}
+
 // Codes one chunk; returns its payload (kLanes states, then the words in decode order).
-std::vector<uint8_t> encode_chunk(const uint8_t* sym, uint32_t m, const std::vector<EncSymbol>& tab) {
+std::vector<uint8_t> encode_chunk(const uint8_t* sym, uint32_t m, const EncTable& tab, GroupEncoder groups) {
   uint32_t x[kLanes];
   for (int j = 0; j < kLanes; ++j) x[j] = kL;
-  // At most one 16-bit word per symbol (frequencies are >= 1 of <= 2^15 slots).
-  std::vector<uint16_t> words(m);
-  size_t pos = m;
-  for (uint32_t i = m; i-- > 0;) {
-    const EncSymbol& e = tab[sym[i]];
-    uint32_t& s = x[i % kLanes];
-    if (s >= e.x_max) {
-      words[--pos] = static_cast<uint16_t>(s);
-      s >>= 16;
-    }
-    s = s + e.cum + div_by(s, e) * e.cmpl;
-  }
-  std::vector<uint8_t> out(4 * kLanes + 2 * (m - pos));
+  // At most one 16-bit word per symbol (frequencies are >= 1 of <= 2^15 slots), plus the
+  // 8 spare entries below the words that the SIMD group encoders may scribble on.
+  constexpr size_t kSpare = 8;
+  thread_local std::vector<uint16_t> words;  // reused: no page faults or zeroing per chunk
+  if (words.size() < m + kSpare) words.resize(m + kSpare);
+  size_t pos = m + kSpare;
+  const uint32_t full = m / kLanes * kLanes;
+  // The partial last group first (the encoder runs backwards), then whole groups.
+  for (uint32_t i = m; i-- > full;) encode_one(x[i % kLanes], tab.sym[sym[i]], words.data(), pos);
+  groups(tab, sym, full / kLanes, x, words.data(), &pos);
+  const size_t n_words = m + kSpare - pos;
+  std::vector<uint8_t> out(4 * kLanes + 2 * n_words);
   std::memcpy(out.data(), x, 4 * kLanes);
-  std::memcpy(out.data() + 4 * kLanes, words.data() + pos, 2 * (m - pos));
+  std::memcpy(out.data() + 4 * kLanes, words.data() + pos, 2 * n_words);
   return out;
 }
 
@@ -104,8 +122,18 @@ std::vector<uint64_t> histogram(const uint8_t* sym, uint64_t n, uint32_t chunk, 
   at::parallel_for(0, n_chunks, 1, [&](int64_t b, int64_t e) {
     for (int64_t c = b; c < e; ++c) {
       const uint64_t lo = static_cast<uint64_t>(c) * chunk, hi = std::min<uint64_t>(n, lo + chunk);
+      // Four sub-histograms: runs of one symbol would otherwise serialise on one counter.
+      uint32_t h4[4][256] = {};
+      uint64_t i = lo;
+      for (; i + 8 <= hi; i += 8) {
+        uint64_t v;
+        std::memcpy(&v, sym + i, 8);
+        ++h4[0][v & 0xFF], ++h4[1][(v >> 8) & 0xFF], ++h4[2][(v >> 16) & 0xFF], ++h4[3][(v >> 24) & 0xFF];
+        ++h4[0][(v >> 32) & 0xFF], ++h4[1][(v >> 40) & 0xFF], ++h4[2][(v >> 48) & 0xFF], ++h4[3][v >> 56];
+      }
+      for (; i < hi; ++i) ++h4[0][sym[i]];
       uint64_t* h = part[c].data();
-      for (uint64_t i = lo; i < hi; ++i) ++h[sym[i]];
+      for (int s = 0; s < 256; ++s) h[s] = uint64_t(h4[0][s]) + h4[1][s] + h4[2][s] + h4[3][s];
     }
   });
   std::vector<uint64_t> total(256, 0);
@@ -125,9 +153,52 @@ void check_params(int scale_bits, uint32_t chunk_size) {
 
 // ---- decoder selection ---------------------------------------------------------------
 
+struct Coder {
+  const char* name;
+  ChunkDecoder decode;
+  GroupEncoder encode;
+};
+
+// The fastest coder this CPU runs, or the one EOQ_RANS_DECODER=scalar|avx2|avx512 names
+// (read once; a path the CPU lacks, or an unknown name, is an error at first use).
+Coder choose_coder() {
+  const Coder scalar{"scalar", decode_chunk_scalar, encode_groups_scalar};
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
+  const bool has_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi2") &&
+                          __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("popcnt");
+  const Coder avx2{"avx2", decode_chunk_avx2, encode_groups_avx2};
+  const Coder avx512{"avx512", decode_chunk_avx512, encode_groups_avx512};
+#else
+  const bool has_avx2 = false, has_avx512 = false;
+  const Coder avx2 = scalar, avx512 = scalar;
+#endif
+  const char* env = std::getenv("EOQ_RANS_DECODER");
+  if (env && *env) {
+    const std::string want(env);
+    if (want == "scalar") return scalar;
+    if (want == "avx2" || want == "avx512") {
+      if (want == "avx2" ? has_avx2 : has_avx512) return want == "avx2" ? avx2 : avx512;
+      throw InvalidInput("EOQ_RANS_DECODER=" + want + ": this CPU does not support it");
+    }
+    throw InvalidInput("EOQ_RANS_DECODER=" + want + ": expected scalar, avx2 or avx512");
+  }
+  if (has_avx512) return avx512;
+  if (has_avx2) return avx2;
+  return scalar;
+}
+
+const Coder& coder() {
+  static const Coder c = choose_coder();  // a throw leaves it unset: every call reports the error
+  return c;
+}
+
 ChunkDecoder pick_decoder(std::string* name) {
-  if (name) *name = "scalar";
-  return decode_chunk_scalar;
+  const Coder& c = coder();
+  if (name) *name = c.name;
+  return c.decode;
 }
 
 }  // namespace
@@ -181,7 +252,8 @@ std::vector<uint8_t> encode(const uint8_t* symbols, uint64_t n, int scale_bits, 
   while (alphabet > 0 && counts[alphabet - 1] == 0) --alphabet;
   std::vector<uint64_t> used(counts.begin(), counts.begin() + alphabet);
   const std::vector<uint32_t> freq = normalize_freqs(used, scale_bits);
-  const std::vector<EncSymbol> tab = make_enc_table(freq, scale_bits);
+  const EncTable tab = make_enc_table(freq, scale_bits);
+  const GroupEncoder groups = coder().encode;
 
   std::vector<std::vector<uint8_t>> payload(n_chunks);
   std::vector<uint32_t> crc(n_chunks);
@@ -189,7 +261,7 @@ std::vector<uint8_t> encode(const uint8_t* symbols, uint64_t n, int scale_bits, 
     for (int64_t c = b; c < e; ++c) {
       const uint64_t lo = static_cast<uint64_t>(c) * chunk_size;
       const uint32_t m = static_cast<uint32_t>(std::min<uint64_t>(n - lo, chunk_size));
-      payload[c] = encode_chunk(symbols + lo, m, tab);
+      payload[c] = encode_chunk(symbols + lo, m, tab, groups);
       crc[c] = crc32c(symbols + lo, m);
     }
   });
@@ -279,12 +351,15 @@ DecodeTable make_decode_table(const Header& h) {
   t.scale_bits = h.scale_bits;
   t.mask = (1u << h.scale_bits) - 1;
   t.info.resize(size_t(1) << h.scale_bits);
-  t.sym.resize(size_t(1) << h.scale_bits);
+  t.sym.assign((size_t(1) << h.scale_bits) + 4, 0);
+  const bool packed = h.scale_bits <= 12;
+  if (packed) t.packed.resize(size_t(1) << h.scale_bits);
   uint32_t cum = 0;
   for (uint32_t s = 0; s < h.alphabet; ++s) {
     for (uint32_t k = 0; k < h.freq[s]; ++k) {
       t.info[cum + k] = h.freq[s] | (k << 16);
       t.sym[cum + k] = static_cast<uint8_t>(s);
+      if (packed) t.packed[cum + k] = (h.freq[s] - 1) | k << 12 | s << 24;
     }
     cum += h.freq[s];
   }
@@ -294,9 +369,7 @@ DecodeTable make_decode_table(const Header& h) {
 void decode_chunk_scalar(const DecodeTable& t, const uint8_t* payload, size_t bytes, uint32_t m,
                          uint8_t* out) {
   uint32_t x[kLanes];
-  std::memcpy(x, payload, 4 * kLanes);
-  for (int j = 0; j < kLanes; ++j)
-    if (x[j] < kL) throw CorruptStream("initial state below 2^16");
+  load_states(payload, x);
   const uint8_t* w = payload + 4 * kLanes;
   const size_t n_words = (bytes - 4 * kLanes) / 2;
   size_t rp = 0;
@@ -319,22 +392,7 @@ void decode_chunk_scalar(const DecodeTable& t, const uint8_t* payload, size_t by
       rp += need;
     }
   }
-  for (; i < m; ++i) {  // the tail, every read checked
-    uint32_t& s = x[i % kLanes];
-    const uint32_t slot = s & mask, e = info[slot];
-    out[i] = sym[slot];
-    s = (e & 0xFFFFu) * (s >> sb) + (e >> 16);
-    if (s < kL) {
-      if (rp >= n_words) throw CorruptStream("chunk payload ends before its last symbol");
-      uint16_t word;
-      std::memcpy(&word, w + 2 * rp, 2);
-      s = (s << 16) | word;
-      ++rp;
-    }
-  }
-  if (rp != n_words) throw CorruptStream("chunk payload has unread words");
-  for (int j = 0; j < kLanes; ++j)
-    if (x[j] != kL) throw CorruptStream("final state check failed");
+  decode_tail(t, x, w, n_words, rp, i, m, out);
 }
 
 void decode(const uint8_t* stream, size_t len, const Header& h, uint8_t* out) {

@@ -40,6 +40,14 @@
 //   [L, 2^32), every chunk consuming exactly its words, every final state equal to L
 //   (the encoder's initial state), and a CRC32C of each chunk's decoded symbols.
 //
+// SIMD paths: rans_avx2.cpp (four 8-lane vectors) and rans_avx512.cpp (two 16-lane vectors;
+// F/BW/VL/VBMI2) decode with table gathers and encode with gathers (or, for alphabets of
+// <= 32 symbols on AVX-512, in-register permutes); the best one this CPU supports is picked
+// at run time (EOQ_RANS_DECODER=scalar|avx2|avx512, read once, forces one for both coding
+// directions; naming one the CPU lacks is an error). Every path writes and accepts exactly the
+// scalar coder's bytes, checks the words remaining before each whole 32-symbol group, and
+// decodes the rest with the checked scalar tail.
+//
 // Chunks (64Ki..1Mi symbols, a multiple of 32) share one frequency table and are
 // coded independently, so encoding and decoding run in parallel over chunks; the
 // bytes do not depend on the number of threads. Byte layout: docs/FORMAT.md.
@@ -87,7 +95,8 @@ Header parse(const uint8_t* stream, size_t len);
 // Decodes a parsed stream into out[0..n_symbols); throws CorruptStream on any mismatch.
 void decode(const uint8_t* stream, size_t len, const Header& h, uint8_t* out);
 
-// Which decoder `decode` uses on this CPU ("scalar", "avx2", ...): for tests and benchmarks.
+// Which coder `decode` and `encode` use on this CPU ("scalar", "avx2" or "avx512"): for tests
+// and benchmarks. Throws InvalidInput if EOQ_RANS_DECODER names a path this CPU lacks.
 std::string decoder_name();
 
 }  // namespace rans

@@ -60,12 +60,26 @@ EOQ_AVX512 void decode_chunk_avx512_impl(const DecodeTable& t, const uint8_t* pa
 
 // One encode step of 16 lanes (sym: 16 symbol bytes); returns the renormalisation mask
 // and the low words of the states before the push.
-EOQ_AVX512 inline __m512i enc_step(__m512i x, const EncTable& t, const uint8_t* sym, __mmask16& need,
-                                   __m256i& words) {
+// Alphabets of at most 32 symbols look the model up in registers (two-table permutes)
+// instead of gathering it from memory.
+struct SmallModel {
+  __m512i mult[2], thr[2], cc[2];
+};
+
+template <bool kSmall>
+EOQ_AVX512 inline __m512i enc_step(__m512i x, const EncTable& t, const SmallModel& sm, const uint8_t* sym,
+                                   __mmask16& need, __m256i& words) {
   const __m512i s = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sym)));
-  const __m512i mult = _mm512_i32gather_epi32(s, t.mult.data(), 4);
-  const __m512i thr = _mm512_i32gather_epi32(s, t.thr.data(), 4);
-  const __m512i cc = _mm512_i32gather_epi32(s, t.cc.data(), 4);
+  __m512i mult, thr, cc;
+  if (kSmall) {  // every symbol is < 32 here
+    mult = _mm512_permutex2var_epi32(sm.mult[0], s, sm.mult[1]);
+    thr = _mm512_permutex2var_epi32(sm.thr[0], s, sm.thr[1]);
+    cc = _mm512_permutex2var_epi32(sm.cc[0], s, sm.cc[1]);
+  } else {
+    mult = _mm512_i32gather_epi32(s, t.mult.data(), 4);
+    thr = _mm512_i32gather_epi32(s, t.thr.data(), 4);
+    cc = _mm512_i32gather_epi32(s, t.cc.data(), 4);
+  }
   need = _mm512_cmpgt_epu32_mask(_mm512_srli_epi32(x, 16), _mm512_and_si512(thr, _mm512_set1_epi32(0xFFFF)));
   words = _mm512_cvtepi32_epi16(x);
   x = _mm512_mask_srli_epi32(x, need, x, 16);
@@ -86,6 +100,31 @@ EOQ_AVX512 inline void emit(__mmask16 need, __m256i words, uint16_t* out, size_t
   _mm256_mask_storeu_epi16(out + pos, static_cast<__mmask16>((1u << c) - 1), _mm256_maskz_compress_epi16(need, words));
 }
 
+template <bool kSmall>
+EOQ_AVX512 void encode_groups_avx512_impl(const EncTable& t, const uint8_t* sym, uint32_t n_groups, uint32_t* x,
+                                          uint16_t* words, size_t* pos) {
+  SmallModel sm;
+  for (int h = 0; h < 2; ++h) {  // the tables have 256 entries, zero past the alphabet
+    sm.mult[h] = _mm512_loadu_si512(t.mult.data() + 16 * h);
+    sm.thr[h] = _mm512_loadu_si512(t.thr.data() + 16 * h);
+    sm.cc[h] = _mm512_loadu_si512(t.cc.data() + 16 * h);
+  }
+  __m512i x0 = _mm512_loadu_si512(x), x1 = _mm512_loadu_si512(x + 16);
+  size_t p = *pos;
+  for (uint32_t g = n_groups; g-- > 0;) {
+    const uint8_t* s = sym + static_cast<size_t>(g) * kLanes;
+    __mmask16 n0, n1;
+    __m256i w0, w1;
+    x1 = enc_step<kSmall>(x1, t, sm, s + 16, n1, w1);
+    x0 = enc_step<kSmall>(x0, t, sm, s, n0, w0);
+    emit(n1, w1, words, p);  // lanes 16..31 lie after lanes 0..15 in the stream
+    emit(n0, w0, words, p);
+  }
+  _mm512_storeu_si512(x, x0);
+  _mm512_storeu_si512(x + 16, x1);
+  *pos = p;
+}
+
 }  // namespace
 
 void decode_chunk_avx512(const DecodeTable& t, const uint8_t* payload, size_t bytes, uint32_t m, uint8_t* out) {
@@ -95,22 +134,12 @@ void decode_chunk_avx512(const DecodeTable& t, const uint8_t* payload, size_t by
     decode_chunk_avx512_impl<false>(t, payload, bytes, m, out);
 }
 
-EOQ_AVX512 void encode_groups_avx512(const EncTable& t, const uint8_t* sym, uint32_t n_groups, uint32_t* x,
-                                     uint16_t* words, size_t* pos) {
-  __m512i x0 = _mm512_loadu_si512(x), x1 = _mm512_loadu_si512(x + 16);
-  size_t p = *pos;
-  for (uint32_t g = n_groups; g-- > 0;) {
-    const uint8_t* s = sym + static_cast<size_t>(g) * kLanes;
-    __mmask16 n0, n1;
-    __m256i w0, w1;
-    x1 = enc_step(x1, t, s + 16, n1, w1);
-    x0 = enc_step(x0, t, s, n0, w0);
-    emit(n1, w1, words, p);  // lanes 16..31 lie after lanes 0..15 in the stream
-    emit(n0, w0, words, p);
-  }
-  _mm512_storeu_si512(x, x0);
-  _mm512_storeu_si512(x + 16, x1);
-  *pos = p;
+void encode_groups_avx512(const EncTable& t, const uint8_t* sym, uint32_t n_groups, uint32_t* x, uint16_t* words,
+                          size_t* pos) {
+  if (t.sym.size() <= 32)
+    encode_groups_avx512_impl<true>(t, sym, n_groups, x, words, pos);
+  else
+    encode_groups_avx512_impl<false>(t, sym, n_groups, x, words, pos);
 }
 
 }  // namespace rans

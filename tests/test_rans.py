@@ -152,3 +152,15 @@ def test_crc32c_known_value_and_paths_agree():
     assert ops.crc32c(data) == 0xE3069283
     rnd = torch.from_numpy(np.random.default_rng(8).integers(0, 256, 1001).astype(np.uint8))
     assert ops.crc32c(rnd) == eoq._C.crc32c(rnd, True) == ref.crc32c(rnd.numpy().tobytes())
+
+
+def test_decode_into_a_given_buffer():
+    x = u8(skewed(100_000, seed=9))
+    s = ops.rans_encode(x)
+    buf = torch.empty(100_000, dtype=torch.uint8)
+    assert ops.rans_decode(s, out=buf).data_ptr() == buf.data_ptr()
+    assert torch.equal(buf, x)
+    with pytest.raises(ValueError, match="out has 99999 elements"):
+        ops.rans_decode(s, out=torch.empty(99_999, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="contiguous 1-D uint8"):
+        ops.rans_decode(s, out=torch.empty(100_000, dtype=torch.int16))

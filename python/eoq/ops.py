@@ -49,9 +49,16 @@ def rans_encode(symbols: torch.Tensor, scale_bits: int = RANS_DEFAULT_SCALE_BITS
     return _C.rans_encode(_u8_1d(symbols, "symbols"), int(scale_bits), int(chunk_size))
 
 
-def rans_decode(stream: torch.Tensor) -> torch.Tensor:
-    """Decode an EOQR stream; raises CorruptStreamError if it is corrupt or truncated."""
-    return _C.rans_decode(_u8_1d(stream, "stream"))
+def rans_decode(stream: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Decode an EOQR stream; raises CorruptStreamError if it is corrupt or truncated.
+
+    ``out``: a contiguous 1-D uint8 CPU tensor of exactly the stream's length to decode
+    into (reusing a buffer avoids faulting in fresh pages); returned.
+    """
+    if out is not None and not (isinstance(out, torch.Tensor) and out.dtype == torch.uint8 and out.dim() == 1
+                                and out.is_contiguous() and out.device.type == "cpu"):
+        raise ValueError("out must be a contiguous 1-D uint8 CPU tensor")
+    return _C.rans_decode(_u8_1d(stream, "stream"), out)
 
 
 def rans_info(stream: torch.Tensor) -> dict:
