@@ -40,13 +40,15 @@ test: model
 bench: model
 	$(PYTHON) bench/bench_kernels.py
 
-# The rANS fuzz tests against an AddressSanitizer build of the extension (not part of CI).
+# The rANS and bit-packing tests against an AddressSanitizer build of the extension,
+# installed into build/asan-pkg so the regular install stays as it is (not part of CI).
 asan: $(DEPS)
-	rm -rf build/asan && $(PIP) install -q --no-build-isolation . \
+	rm -rf build/asan-pkg && $(PIP) install -q --no-build-isolation --no-deps --target build/asan-pkg . \
 	  -C build-dir=build/asan -C cmake.define.EOQ_SANITIZE=address -C cmake.build-type=RelWithDebInfo
-	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" \
-	  ASAN_OPTIONS=detect_leaks=0 $(PYTHON) -m pytest -q tests/test_rans_fuzz.py tests/test_rans.py -k "not hundred_million"
-	rm -f $(VENV)/.install-stamp
+	cd build && PYTHONPATH=$(CURDIR)/build/asan-pkg \
+	  LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" \
+	  ASAN_OPTIONS=detect_leaks=0 $(CURDIR)/$(PYTHON) -m pytest -q -p no:cacheprovider $(CURDIR)/tests/test_rans_fuzz.py \
+	  $(CURDIR)/tests/test_rans.py $(CURDIR)/tests/test_rans_paths.py $(CURDIR)/tests/test_bitpack.py -k "not hundred_million"
 
 clean:
 	rm -rf build $(VENV)
