@@ -9,6 +9,7 @@ import torch  # noqa: F401  (must precede the extension)
 from . import _C
 from . import ops
 from .errors import CorruptStreamError
+from .quantized import QuantizedTensor, quantize_tensor
 
 __version__ = "0.1.0"
-__all__ = ["ops", "CorruptStreamError", "__version__"]
+__all__ = ["ops", "CorruptStreamError", "QuantizedTensor", "quantize_tensor", "__version__"]

@@ -1,0 +1,137 @@
+"""One interface over every method: ``quantize_tensor`` -> ``QuantizedTensor``.
+
+A QuantizedTensor holds what a file would store: uint8 codes, side tensors (scales,
+norms, AWQ scales, codebook) and metadata (method, bits, block, seed, shape, dtype, and
+the method's own parameters). ``dequantize()`` rebuilds the weight; ``stored_bytes(codec)``
+is the exact size of everything stored, codes fixed-rate packed (``"packed"``) or
+rANS-coded (``"rans"``), side tensors at their stored dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional
+
+import torch
+
+from . import ops
+
+
+@dataclasses.dataclass
+class QuantizedTensor:
+    method: str
+    bits: float                       # the requested bits (a coded rate for ecsq)
+    shape: tuple[int, int]            # of the original weight
+    dtype: torch.dtype                # of the original weight
+    block_size: Optional[int]
+    seed: int
+    codes: torch.Tensor               # uint8, any shape; values < 2 ** code_bits
+    code_bits: int                    # width of a code when packed at a fixed rate
+    side: dict[str, torch.Tensor]     # stored side tensors, at their stored dtype
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)  # scalar parameters
+    name: str = "tensor"
+
+    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        from .methods import METHODS
+
+        w = METHODS[self.method].dequantize(self)
+        if "awq_scales" in self.side:
+            w = w / self.side["awq_scales"].float()
+        return w.to(dtype or self.dtype)
+
+    def code_stream(self, codec: str = "rans") -> torch.Tensor:
+        """The codes as they are stored: a rANS stream or packed bytes."""
+        flat = self.codes.reshape(-1).contiguous()
+        if codec == "rans":
+            return ops.rans_encode(flat)
+        if codec == "packed":
+            return ops.pack_bits(flat, self.code_bits)
+        raise ValueError(f"{self.name}: codec must be 'rans' or 'packed', got {codec!r}")
+
+    def side_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.side.values())
+
+    def stored_bytes(self, codec: str = "rans") -> int:
+        key = f"_stored_{codec}"
+        if key not in self.meta:
+            self.meta[key] = int(self.code_stream(codec).numel()) + self.side_bytes()
+        return self.meta[key]
+
+    def bits_per_weight(self, codec: str = "rans") -> float:
+        return 8.0 * self.stored_bytes(codec) / (self.shape[0] * self.shape[1])
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+
+def check_weight(weight: torch.Tensor, name: str) -> torch.Tensor:
+    """The weight as contiguous float32 [out, in]; a clear ValueError for anything else."""
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"{name}: only 2-D weights (out_features x in_features) are quantized, got shape "
+                         f"{tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise ValueError(f"{name}: expected a floating-point weight, got {weight.dtype}")
+    if weight.numel() == 0:
+        raise ValueError(f"{name}: empty weight {tuple(weight.shape)}")
+    w = weight.detach().cpu().to(torch.float32).contiguous()
+    bad = ~torch.isfinite(w)
+    if bool(bad.any()):
+        r, c = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{name}: non-finite value {float(w[r, c])} at [{r}, {c}]; refusing to quantize")
+    return w
+
+
+def quantize_tensor(weight: torch.Tensor, method: str = "ecsq", bits: float = 4, block_size: Optional[int] = None,
+                    importance: Optional[torch.Tensor] = None, seed: int = 0, awq: bool = False,
+                    name: str = "tensor", **options) -> QuantizedTensor:
+    """Quantize a 2-D weight (out_features x in_features) with one of the methods.
+
+    method: ``absmax``, ``polar``, ``turbo`` or ``ecsq`` (see eoq.methods). importance:
+    per-input-channel E[a^2] from calibration; it weights the error that scale and step
+    searches minimise, and with ``awq=True`` sets AWQ's per-channel scales (alpha searched).
+    Deterministic: same inputs and seed give the same codes whatever the thread count.
+    """
+    from .methods import METHODS
+    from .awq import awq_quantize
+
+    if method not in METHODS:
+        raise ValueError(f"{name}: unknown method {method!r}; choose from {sorted(METHODS)}")
+    w = check_weight(weight, name)
+    imp = None
+    if importance is not None:
+        imp = importance.detach().cpu().to(torch.float32).reshape(-1).contiguous()
+        if imp.numel() != w.shape[1]:
+            raise ValueError(f"{name}: importance has {imp.numel()} values for {w.shape[1]} input features")
+        if not bool(torch.isfinite(imp).all()) or bool((imp < 0).any()):
+            raise ValueError(f"{name}: importance must be finite and non-negative")
+    impl = METHODS[method]
+    if awq:
+        if imp is None:
+            raise ValueError(f"{name}: awq=True needs importance (per-input-channel E[a^2] from calibration)")
+        qt = awq_quantize(impl, w, bits, block_size, imp, seed, name=name, **options)
+    else:
+        qt = impl.quantize(w, bits, block_size=block_size, importance=imp, seed=seed, name=name, **options)
+    qt.shape, qt.dtype, qt.name = tuple(w.shape), weight.dtype, name
+    return qt
+
+
+def weighted_error(w: torch.Tensor, w_hat: torch.Tensor, importance: Optional[torch.Tensor]) -> float:
+    """sum_c importance_c * ||w[:, c] - w_hat[:, c]||^2 (plain squared error without importance):
+    the output error E||(W - W_hat) a||^2 when input channels are uncorrelated."""
+    d2 = (w - w_hat).double().pow(2)
+    return float((d2 * importance.double()).sum() if importance is not None else d2.sum())
+
+
+def code_entropy_bits(codes: torch.Tensor) -> float:
+    """Empirical order-0 entropy of uint8 codes, in bits per code."""
+    counts = torch.bincount(codes.reshape(-1).long(), minlength=256).double()
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * p.log2()).sum()) if p.numel() else 0.0
+
+
+def bits_for(levels: int) -> int:
+    return max(1, math.ceil(math.log2(max(levels, 2))))
