@@ -1,0 +1,181 @@
+"""Per-Linear input statistics for activation-aware quantization.
+
+For every Linear layer (and GPT-2's Conv1D) a forward pre-hook accumulates, per input
+channel, the sum of a^2 and of a over all calibration tokens, plus the token count, in
+float64. Nothing else is kept, so memory is two vectors per layer whatever the number of
+tokens; sequences run one at a time under torch.no_grad.
+
+Saved as one safetensors file keyed by module name (``<name>.sum_sq``, ``<name>.sum``,
+``<name>.count``), with the calibration source and token counts in its metadata, and loaded
+back for reuse across runs.
+
+Calibration text comes from a file path, a ``datasets`` name (``name[:config[:split]]``,
+when the hub or a local cache is reachable), or ``"self"``: text sampled from the model
+itself (seeded), which needs no data at all. The WikiText-2 test split is the evaluation
+text and is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+from typing import Iterable, Optional, Union
+
+import torch
+
+EVALUATION_TEXTS = ("wiki.test.raw",)
+
+
+@dataclasses.dataclass
+class ActStats:
+    sum_sq: torch.Tensor  # float64 [in_features]
+    sum: torch.Tensor     # float64 [in_features]
+    count: int            # tokens seen
+
+    @property
+    def mean_sq(self) -> torch.Tensor:
+        """E[a^2] per input channel: the importance AWQ and the scale searches use."""
+        return (self.sum_sq / max(self.count, 1)).float()
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return (self.sum / max(self.count, 1)).float()
+
+
+def _is_linear(module: torch.nn.Module) -> bool:
+    return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def _in_features(module) -> int:
+    return module.in_features if isinstance(module, torch.nn.Linear) else module.weight.shape[0]
+
+
+@torch.no_grad()
+def collect_stats(model: torch.nn.Module, sequences: Iterable[torch.Tensor],
+                  include: Optional[callable] = None, progress: bool = True) -> dict[str, ActStats]:
+    """Run token sequences (1-D LongTensors) through the model, accumulating input statistics
+    of every Linear (filtered by ``include(name)``)."""
+    stats: dict[str, ActStats] = {}
+    hooks = []
+
+    def hook_for(name, n):
+        stats[name] = ActStats(torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64), 0)
+
+        def hook(module, args):
+            a = args[0].detach().reshape(-1, n).double()
+            s = stats[name]
+            s.sum_sq += a.pow(2).sum(0)
+            s.sum += a.sum(0)
+            s.count += a.shape[0]
+
+        return hook
+
+    for name, module in model.named_modules():
+        if _is_linear(module) and (include is None or include(name)):
+            hooks.append(module.register_forward_pre_hook(hook_for(name, _in_features(module))))
+    try:
+        from tqdm.auto import tqdm
+
+        seqs = list(sequences)
+        was_training = model.training
+        model.eval()
+        for ids in tqdm(seqs, desc="calibration", disable=not progress):
+            model(input_ids=ids.reshape(1, -1))
+        model.train(was_training)
+    finally:
+        for h in hooks:
+            h.remove()
+    return stats
+
+
+def save_stats(stats: dict[str, ActStats], path: Union[str, os.PathLike], source: str = "") -> None:
+    """Write to a temporary name and rename, so a reader never sees a partial file."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, s in stats.items():
+        tensors[f"{name}.sum_sq"] = s.sum_sq.contiguous()
+        tensors[f"{name}.sum"] = s.sum.contiguous()
+        tensors[f"{name}.count"] = torch.tensor([s.count], dtype=torch.int64)
+    path = pathlib.Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "eoq-act-stats-1", "source": source,
+                                          "modules": json.dumps(sorted(stats))})
+    os.replace(tmp, path)
+
+
+def load_stats(path: Union[str, os.PathLike]) -> dict[str, ActStats]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != "eoq-act-stats-1":
+            raise ValueError(f"{path}: not an eoq activation-statistics file (format {meta.get('format')!r})")
+        out = {}
+        for name in json.loads(meta["modules"]):
+            try:
+                out[name] = ActStats(f.get_tensor(f"{name}.sum_sq"), f.get_tensor(f"{name}.sum"),
+                                     int(f.get_tensor(f"{name}.count")[0]))
+            except Exception as e:  # a missing or mistyped key: say which
+                raise ValueError(f"{path}: statistics of {name!r} are missing or damaged ({e})") from e
+    return out
+
+
+def load_text(source: str, model=None, tokenizer=None, n_tokens: int = 16384, seed: int = 0) -> str:
+    """Calibration text from a file path, a ``datasets`` name, or ``"self"`` (sampled from the model)."""
+    if source == "self":
+        if model is None or tokenizer is None:
+            raise ValueError("calibration source 'self' needs the model and its tokenizer")
+        return sample_text(model, tokenizer, n_tokens, seed)
+    p = pathlib.Path(source)
+    if p.name in EVALUATION_TEXTS:
+        raise ValueError(f"{source} is the evaluation text (WikiText-2 test); never calibrate on it")
+    if p.is_file():
+        return p.read_text(encoding="utf-8", errors="replace")
+    if p.suffix or os.sep in source:
+        raise FileNotFoundError(f"calibration text {source} does not exist")
+    name, config, split = (source.split(":") + [None, None])[:3]
+    if name.endswith("wikitext") and (split or "train") == "test":
+        raise ValueError(f"{source}: the WikiText test split is the evaluation text; never calibrate on it")
+    try:
+        import datasets
+    except ImportError as e:
+        raise ImportError(f"calibration source {source!r} looks like a datasets name; pip install datasets") from e
+    try:
+        ds = datasets.load_dataset(name, config, split=split or "train")
+    except Exception as e:
+        raise RuntimeError(f"could not load the dataset {source!r} (offline? give a text file path or 'self'): {e}") from e
+    column = "text" if "text" in ds.column_names else ds.column_names[0]
+    return "\n".join(ds[column])
+
+
+@torch.no_grad()
+def sample_text(model, tokenizer, n_tokens: int, seed: int = 0, chunk: int = 256) -> str:
+    """Seeded text sampled from the model itself (temperature 1, no top-k/top-p), from BOS."""
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    pieces, total = [], 0
+    with torch.random.fork_rng(devices=[]):  # seed locally, leave the caller's RNG alone
+        torch.manual_seed(seed)
+        while total < n_tokens:
+            n = min(chunk, n_tokens - total)
+            out = model.generate(torch.tensor([[bos]]), do_sample=True, max_new_tokens=n, min_new_tokens=n,
+                                 top_k=0, top_p=1.0, temperature=1.0, pad_token_id=bos)
+            pieces.append(tokenizer.decode(out[0, 1:].tolist(), skip_special_tokens=True))
+            total += n
+    return "\n".join(pieces)
+
+
+def token_sequences(text: str, tokenizer, n_sequences: int = 64, seq_len: int = 512) -> list[torch.Tensor]:
+    """n_sequences windows of seq_len tokens, evenly spaced over the tokenised text."""
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    if ids.numel() < seq_len:
+        raise ValueError(f"calibration text has {ids.numel()} tokens, fewer than one sequence of {seq_len}")
+    starts = torch.linspace(0, ids.numel() - seq_len, n_sequences).long().unique()
+    return [ids[s:s + seq_len] for s in starts.tolist()]
+
+
+def text_fingerprint(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
