@@ -2,10 +2,9 @@
 
 import pytest
 import torch
+import transformers
 
 from eoq import calibration
-
-transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
