@@ -155,22 +155,23 @@ void check_params(int scale_bits, uint32_t chunk_size) {
 
 struct Coder {
   const char* name;
-  ChunkDecoder decode;
+  GroupDecoder decode;
   GroupEncoder encode;
 };
 
 // The fastest coder this CPU runs, or the one EOQ_RANS_DECODER=scalar|avx2|avx512 names
 // (read once; a path the CPU lacks, or an unknown name, is an error at first use).
 Coder choose_coder() {
-  const Coder scalar{"scalar", decode_chunk_scalar, encode_groups_scalar};
+  const Coder scalar{"scalar", decode_groups_scalar, encode_groups_scalar};
 #if defined(__x86_64__)
   __builtin_cpu_init();
   const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
   const bool has_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi2") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi") &&
+                          __builtin_cpu_supports("avx512vbmi2") &&
                           __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("popcnt");
-  const Coder avx2{"avx2", decode_chunk_avx2, encode_groups_avx2};
-  const Coder avx512{"avx512", decode_chunk_avx512, encode_groups_avx512};
+  const Coder avx2{"avx2", decode_groups_avx2, encode_groups_avx2};
+  const Coder avx512{"avx512", decode_groups_avx512, encode_groups_avx512};
 #else
   const bool has_avx2 = false, has_avx512 = false;
   const Coder avx2 = scalar, avx512 = scalar;
@@ -195,7 +196,7 @@ const Coder& coder() {
   return c;
 }
 
-ChunkDecoder pick_decoder(std::string* name) {
+GroupDecoder pick_decoder(std::string* name) {
   const Coder& c = coder();
   if (name) *name = c.name;
   return c.decode;
@@ -363,42 +364,61 @@ DecodeTable make_decode_table(const Header& h) {
     }
     cum += h.freq[s];
   }
+  if (h.alphabet <= 64) {
+    t.search_steps = 0;
+    while ((1u << t.search_steps) < h.alphabet) ++t.search_steps;
+    cum = 0;
+    for (uint32_t s = 0; s < 64; ++s) {
+      t.cum16[s] = static_cast<uint16_t>(s < h.alphabet ? cum : 0xFFFFu);
+      t.freq16[s] = static_cast<uint16_t>(s < h.alphabet ? h.freq[s] : 0);
+      if (s < h.alphabet) cum += h.freq[s];
+    }
+  }
   return t;
 }
 
-void decode_chunk_scalar(const DecodeTable& t, const uint8_t* payload, size_t bytes, uint32_t m,
-                         uint8_t* out) {
-  uint32_t x[kLanes];
-  load_states(payload, x);
-  const uint8_t* w = payload + 4 * kLanes;
-  const size_t n_words = (bytes - 4 * kLanes) / 2;
-  size_t rp = 0;
+namespace {
+
+void decode_groups_scalar_one(const DecodeTable& t, ChunkCursor& c) {
   const int sb = t.scale_bits;
   const uint32_t mask = t.mask;
   const uint32_t* info = t.info.data();
   const uint8_t* sym = t.sym.data();
-  uint32_t i = 0;
-  // Whole groups while at least kLanes words remain: reads need no check.
-  for (; i + kLanes <= m && n_words - rp >= kLanes; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) {
-      uint32_t s = x[j];
-      const uint32_t slot = s & mask, e = info[slot];
-      out[i + j] = sym[slot];
-      s = (e & 0xFFFFu) * (s >> sb) + (e >> 16);
-      uint16_t word;
-      std::memcpy(&word, w + 2 * rp, 2);
-      const bool need = s < kL;
-      x[j] = need ? (s << 16) | word : s;
-      rp += need;
+  const uint8_t* w = c.w;
+  uint32_t x[kLanes];
+  std::memcpy(x, c.x, sizeof x);
+  size_t rp = c.rp;
+  uint8_t* out = c.out + c.i;
+  for (uint32_t k; (k = safe_groups(c)) > 0;) {
+    for (uint32_t g = 0; g < k; ++g, out += kLanes) {
+      for (int j = 0; j < kLanes; ++j) {
+        uint32_t s = x[j];
+        const uint32_t slot = s & mask, e = info[slot];
+        out[j] = sym[slot];
+        s = (e & 0xFFFFu) * (s >> sb) + (e >> 16);
+        uint16_t word;
+        std::memcpy(&word, w + 2 * rp, 2);
+        const bool need = s < kL;
+        x[j] = need ? (s << 16) | word : s;
+        rp += need;
+      }
     }
+    c.i += k * kLanes;
+    c.rp = rp;
   }
-  decode_tail(t, x, w, n_words, rp, i, m, out);
+  std::memcpy(c.x, x, sizeof x);
+}
+
+}  // namespace
+
+void decode_groups_scalar(const DecodeTable& t, ChunkCursor* const* c, int n) {
+  for (int k = 0; k < n; ++k) decode_groups_scalar_one(t, *c[k]);
 }
 
 void decode(const uint8_t* stream, size_t len, const Header& h, uint8_t* out) {
   if (h.n_symbols == 0) return;
   const DecodeTable table = make_decode_table(h);
-  const ChunkDecoder decode_chunk = pick_decoder(nullptr);
+  const GroupDecoder decode_groups = pick_decoder(nullptr);
   std::vector<uint64_t> offset(h.n_chunks);
   uint64_t off = h.header_bytes;
   for (uint32_t c = 0; c < h.n_chunks; ++c) {
@@ -406,15 +426,34 @@ void decode(const uint8_t* stream, size_t len, const Header& h, uint8_t* out) {
     off += h.chunk_bytes[c];
   }
   std::vector<std::string> error(h.n_chunks);
+  // Each thread takes a fixed range of chunks and decodes them kBatch at a time, side by
+  // side (see ChunkCursor): the output and the errors do not depend on the batching.
   at::parallel_for(0, h.n_chunks, 1, [&](int64_t b, int64_t e) {
-    for (int64_t c = b; c < e; ++c) {
-      const uint64_t lo = static_cast<uint64_t>(c) * h.chunk_size;
-      const uint32_t m = static_cast<uint32_t>(std::min<uint64_t>(h.n_symbols - lo, h.chunk_size));
-      try {
-        decode_chunk(table, stream + offset[c], h.chunk_bytes[c], m, out + lo);
-        if (crc32c(out + lo, m) != h.chunk_crc[c]) throw CorruptStream("checksum of decoded symbols mismatch");
-      } catch (const std::exception& ex) {
-        error[c] = ex.what();
+    ChunkCursor cur[kBatch];
+    for (int64_t c0 = b; c0 < e; c0 += kBatch) {
+      const int n = static_cast<int>(std::min<int64_t>(kBatch, e - c0));
+      ChunkCursor* ok[kBatch];
+      int n_ok = 0;
+      for (int k = 0; k < n; ++k) {
+        const int64_t c = c0 + k;
+        const uint64_t lo = static_cast<uint64_t>(c) * h.chunk_size;
+        const uint32_t m = static_cast<uint32_t>(std::min<uint64_t>(h.n_symbols - lo, h.chunk_size));
+        try {
+          start_chunk(cur[k], stream + offset[c], h.chunk_bytes[c], m, out + lo);
+          ok[n_ok++] = &cur[k];
+        } catch (const std::exception& ex) {
+          error[c] = ex.what();
+        }
+      }
+      decode_groups(table, ok, n_ok);
+      for (int k = 0; k < n_ok; ++k) {
+        const int64_t c = c0 + (ok[k] - cur);
+        try {
+          finish_chunk(table, *ok[k]);
+          if (crc32c(ok[k]->out, ok[k]->m) != h.chunk_crc[c]) throw CorruptStream("checksum of decoded symbols mismatch");
+        } catch (const std::exception& ex) {
+          error[c] = ex.what();
+        }
       }
     }
   });

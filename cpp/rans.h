@@ -41,16 +41,20 @@
 //   (the encoder's initial state), and a CRC32C of each chunk's decoded symbols.
 //
 // SIMD paths: rans_avx2.cpp (four 8-lane vectors) and rans_avx512.cpp (two 16-lane vectors;
-// F/BW/VL/VBMI2) decode with table gathers and encode with gathers (or, for alphabets of
-// <= 32 symbols on AVX-512, in-register permutes); the best one this CPU supports is picked
-// at run time (EOQ_RANS_DECODER=scalar|avx2|avx512, read once, forces one for both coding
-// directions; naming one the CPU lacks is an error). Every path writes and accepts exactly the
-// scalar coder's bytes, checks the words remaining before each whole 32-symbol group, and
-// decodes the rest with the checked scalar tail.
+// F/BW/VL/VBMI/VBMI2) decode with table gathers, or on AVX-512 for alphabets of <= 64
+// symbols with a binary search over the cumulative frequencies held in registers, and encode
+// with gathers (or, for alphabets of <= 32 symbols on AVX-512, in-register permutes); the
+// best one this CPU supports is picked at run time (EOQ_RANS_DECODER=scalar|avx2|avx512,
+// read once, forces one for both coding directions; naming one the CPU lacks is an error).
+// Every path writes and accepts exactly the scalar coder's bytes, checks the words remaining
+// before each run of whole 32-symbol groups (each group reads at most 32 words), and decodes
+// the rest with the checked scalar tail.
 //
 // Chunks (64Ki..1Mi symbols, a multiple of 32) share one frequency table and are
 // coded independently, so encoding and decoding run in parallel over chunks; the
-// bytes do not depend on the number of threads. Byte layout: docs/FORMAT.md.
+// bytes do not depend on the number of threads. Each thread decodes its chunks a few at a
+// time side by side (independent chains hide the lookup latency); every chunk's result,
+// and every error, is the same as decoding it alone. Byte layout: docs/FORMAT.md.
 #pragma once
 #include <cstddef>
 #include <cstdint>

@@ -2,11 +2,13 @@
 // Same bytes as the scalar coder in rans.cpp; chosen at run time there.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <array>
 
 #include "rans_internal.h"
 
 #define EOQ_AVX2 __attribute__((target("avx2,popcnt")))
+
 
 namespace eoq {
 namespace rans {
@@ -39,20 +41,39 @@ EOQ_AVX2 inline __m256i lut8(const uint8_t (*tab)[8], int mk) {
   return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(tab[mk])));
 }
 
+// base[idx] (32 bits from byte offset sizeof(T) * idx). A gather merges into its
+// destination register and so waits for whatever that register held; the compiler tends
+// to pick one written late in the previous step, which chains the four vectors' gathers.
+// Gathering into a freshly zeroed register (with a fresh all-ones mask) avoids that. The
+// table is not written while decoding, so the asm needs no memory clobber.
+template <class T>
+EOQ_AVX2 inline __m256i gather(__m256i idx, const T* base) {
+  static_assert(sizeof(T) == 1 || sizeof(T) == 4, "gather scale");
+  __m256i r, all;
+  if (sizeof(T) == 4)
+    asm("vpxor %[r], %[r], %[r]\n\tvpcmpeqd %[m], %[m], %[m]\n\tvpgatherdd %[m], (%[b],%[i],4), %[r]"
+        : [r] "=&x"(r), [m] "=&x"(all)
+        : [b] "r"(base), [i] "x"(idx));
+  else
+    asm("vpxor %[r], %[r], %[r]\n\tvpcmpeqd %[m], %[m], %[m]\n\tvpgatherdd %[m], (%[b],%[i],1), %[r]"
+        : [r] "=&x"(r), [m] "=&x"(all)
+        : [b] "r"(base), [i] "x"(idx));
+  return r;
+}
+
 // One decode step of 8 lanes; returns the symbols in the low byte of each 32-bit lane.
 template <bool kPacked>
 EOQ_AVX2 inline __m256i dec_step(__m256i& x, const DecodeTable& t, __m128i sb, const uint8_t* w, size_t& rp) {
   const __m256i slot = _mm256_and_si256(x, _mm256_set1_epi32(static_cast<int>(t.mask)));
   __m256i s, f, b;
   if (kPacked) {
-    const __m256i e = _mm256_i32gather_epi32(reinterpret_cast<const int*>(t.packed.data()), slot, 4);
+    const __m256i e = gather(slot, t.packed.data());
     s = _mm256_srli_epi32(e, 24);
     f = _mm256_add_epi32(_mm256_and_si256(e, _mm256_set1_epi32(0xFFF)), _mm256_set1_epi32(1));
     b = _mm256_and_si256(_mm256_srli_epi32(e, 12), _mm256_set1_epi32(0xFFF));
   } else {
-    const __m256i e = _mm256_i32gather_epi32(reinterpret_cast<const int*>(t.info.data()), slot, 4);
-    s = _mm256_and_si256(_mm256_i32gather_epi32(reinterpret_cast<const int*>(t.sym.data()), slot, 1),
-                         _mm256_set1_epi32(0xFF));  // sym is padded by 4 bytes
+    const __m256i e = gather(slot, t.info.data());
+    s = _mm256_and_si256(gather(slot, t.sym.data()), _mm256_set1_epi32(0xFF));  // sym is padded by 4 bytes
     f = _mm256_and_si256(e, _mm256_set1_epi32(0xFFFF));
     b = _mm256_srli_epi32(e, 16);
   }
@@ -66,35 +87,53 @@ EOQ_AVX2 inline __m256i dec_step(__m256i& x, const DecodeTable& t, __m128i sb, c
   return s;
 }
 
+// One group of 32 symbols of one chunk (states x0..x3), its symbols stored to out.
 template <bool kPacked>
-EOQ_AVX2 void decode_chunk_avx2_impl(const DecodeTable& t, const uint8_t* payload, size_t bytes, uint32_t m,
-                                     uint8_t* out) {
-  alignas(32) uint32_t x[kLanes];
-  load_states(payload, x);
-  const uint8_t* w = payload + 4 * kLanes;
-  const size_t n_words = (bytes - 4 * kLanes) / 2;
-  size_t rp = 0;
-  const __m128i sb = _mm_cvtsi32_si128(t.scale_bits);
-  __m256i x0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(x));
-  __m256i x1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(x + 8));
-  __m256i x2 = _mm256_load_si256(reinterpret_cast<const __m256i*>(x + 16));
-  __m256i x3 = _mm256_load_si256(reinterpret_cast<const __m256i*>(x + 24));
+EOQ_AVX2 inline void dec_group(__m256i& x0, __m256i& x1, __m256i& x2, __m256i& x3, const DecodeTable& t, __m128i sb,
+                               const uint8_t* w, size_t& rp, uint8_t* out) {
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-  uint32_t i = 0;
-  // A group reads at most kLanes words and its loads touch only [rp, rp + kLanes).
-  for (; i + kLanes <= m && n_words - rp >= kLanes; i += kLanes) {
-    const __m256i s0 = dec_step<kPacked>(x0, t, sb, w, rp);
-    const __m256i s1 = dec_step<kPacked>(x1, t, sb, w, rp);
-    const __m256i s2 = dec_step<kPacked>(x2, t, sb, w, rp);
-    const __m256i s3 = dec_step<kPacked>(x3, t, sb, w, rp);
-    const __m256i p = _mm256_packus_epi16(_mm256_packus_epi32(s0, s1), _mm256_packus_epi32(s2, s3));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm256_permutevar8x32_epi32(p, order));
+  const __m256i s0 = dec_step<kPacked>(x0, t, sb, w, rp);
+  const __m256i s1 = dec_step<kPacked>(x1, t, sb, w, rp);
+  const __m256i s2 = dec_step<kPacked>(x2, t, sb, w, rp);
+  const __m256i s3 = dec_step<kPacked>(x3, t, sb, w, rp);
+  const __m256i p = _mm256_packus_epi16(_mm256_packus_epi32(s0, s1), _mm256_packus_epi32(s2, s3));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_permutevar8x32_epi32(p, order));
+}
+
+EOQ_AVX2 inline void load4(const uint32_t* x, __m256i* v) {
+  for (int k = 0; k < 4; ++k) v[k] = _mm256_load_si256(reinterpret_cast<const __m256i*>(x + 8 * k));
+}
+EOQ_AVX2 inline void store4(uint32_t* x, const __m256i* v) {
+  for (int k = 0; k < 4; ++k) _mm256_store_si256(reinterpret_cast<__m256i*>(x + 8 * k), v[k]);
+}
+
+// Whole groups of N chunks side by side, until one of them has none left.
+template <bool kPacked, int N>
+EOQ_AVX2 void decode_groups_n(const DecodeTable& t, ChunkCursor* const* c) {
+  const __m128i sb = _mm_cvtsi32_si128(t.scale_bits);
+  __m256i x[N][4];
+  size_t rp[N];
+  for (int j = 0; j < N; ++j) {
+    load4(c[j]->x, x[j]);
+    rp[j] = c[j]->rp;
   }
-  _mm256_store_si256(reinterpret_cast<__m256i*>(x), x0);
-  _mm256_store_si256(reinterpret_cast<__m256i*>(x + 8), x1);
-  _mm256_store_si256(reinterpret_cast<__m256i*>(x + 16), x2);
-  _mm256_store_si256(reinterpret_cast<__m256i*>(x + 24), x3);
-  decode_tail(t, x, w, n_words, rp, i, m, out);
+  for (uint32_t k; (k = common_groups<N>(c)) > 0;) {
+    for (uint32_t g = 0; g < k; ++g)
+      for (int j = 0; j < N; ++j)
+        dec_group<kPacked>(x[j][0], x[j][1], x[j][2], x[j][3], t, sb, c[j]->w, rp[j], c[j]->out + c[j]->i + g * kLanes);
+    for (int j = 0; j < N; ++j) {
+      c[j]->i += k * kLanes;
+      c[j]->rp = rp[j];
+    }
+  }
+  for (int j = 0; j < N; ++j) store4(c[j]->x, x[j]);
+}
+
+// One chunk at a time: its four 8-lane states already take a quarter of the 16 ymm
+// registers, and two chunks side by side spill (measured: half the speed).
+template <bool kPacked>
+EOQ_AVX2 void decode_groups_impl(const DecodeTable& t, ChunkCursor* const* c, int n) {
+  for (int j = 0; j < n; ++j) decode_groups_n<kPacked, 1>(t, c + j);
 }
 
 // One encode step of 8 lanes (sym: 8 symbol bytes); returns the new states, the
@@ -131,11 +170,11 @@ EOQ_AVX2 inline void emit(int need, __m256i old, uint16_t* out, size_t& pos) {
 
 }  // namespace
 
-void decode_chunk_avx2(const DecodeTable& t, const uint8_t* payload, size_t bytes, uint32_t m, uint8_t* out) {
+void decode_groups_avx2(const DecodeTable& t, ChunkCursor* const* c, int n) {
   if (!t.packed.empty())
-    decode_chunk_avx2_impl<true>(t, payload, bytes, m, out);
+    decode_groups_impl<true>(t, c, n);
   else
-    decode_chunk_avx2_impl<false>(t, payload, bytes, m, out);
+    decode_groups_impl<false>(t, c, n);
 }
 
 EOQ_AVX2 void encode_groups_avx2(const EncTable& t, const uint8_t* sym, uint32_t n_groups, uint32_t* x,

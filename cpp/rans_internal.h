@@ -1,5 +1,6 @@
 // Pieces shared by the scalar and SIMD rANS chunk coders (see rans.h for the coder).
 #pragma once
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -22,52 +23,119 @@ struct DecodeTable {
                                  // last slot so a 32-bit gather at any slot stays in bounds
   std::vector<uint32_t> packed;  // scale_bits <= 12 only (else empty), one gather per lane:
                                  // (freq - 1) | (slot - cum) << 12 | sym << 24
+  // Alphabets of at most 64 symbols also get the model as two 64-entry u16 tables, for
+  // decoders that find a slot's symbol by a binary search in registers instead of a gather:
+  // the symbol owning slot is the largest s with cum16[s] <= slot (cum16 is 0xFFFF past the
+  // alphabet; a symbol of frequency 0 shares its cum with the next one, and the last symbol
+  // has frequency >= 1, so the largest such s has slot in [cum, cum + freq)).
+  int search_steps = -1;         // ceil(log2(alphabet)) when alphabet <= 64, else -1 (no tables)
+  alignas(64) uint16_t cum16[64] = {};
+  alignas(64) uint16_t freq16[64] = {};
 };
 
 DecodeTable make_decode_table(const Header& h);
 
-// Decodes the m symbols of one chunk from payload (kLanes u32 initial states, then u16
-// words). Throws CorruptStream when the words run out, are left over, or a final state
-// differs from kL. Every implementation writes the same symbols and accepts the same streams.
-using ChunkDecoder = void (*)(const DecodeTable& t, const uint8_t* payload, size_t bytes,
-                              uint32_t m, uint8_t* out);
-
-void decode_chunk_scalar(const DecodeTable& t, const uint8_t* payload, size_t bytes, uint32_t m,
-                         uint8_t* out);
-void decode_chunk_avx2(const DecodeTable& t, const uint8_t* payload, size_t bytes, uint32_t m,
-                       uint8_t* out);
-void decode_chunk_avx512(const DecodeTable& t, const uint8_t* payload, size_t bytes, uint32_t m,
-                         uint8_t* out);
+// A chunk being decoded: its states, words and position. A chunk is decoded in three
+// steps: start_chunk (loads and checks the initial states), a GroupDecoder (whole groups
+// of kLanes symbols while at least kLanes words remain; no checks needed, never throws),
+// and finish_chunk (the rest one symbol at a time with every read checked, then the
+// word-count and final-state checks). Every step is a function of the chunk alone, so
+// decoding two chunks side by side gives the same result as decoding them one by one.
+struct ChunkCursor {
+  alignas(64) uint32_t x[kLanes];
+  const uint8_t* w = nullptr;  // the chunk's u16 words
+  size_t n_words = 0;
+  size_t rp = 0;               // words read
+  uint32_t i = 0;              // symbols decoded
+  uint32_t m = 0;              // symbols in the chunk
+  uint8_t* out = nullptr;      // the chunk's m output symbols
+};
 
 // Loads and checks the kLanes initial states of a chunk (bytes >= 4 * kLanes: parse checked it).
-inline void load_states(const uint8_t* payload, uint32_t* x) {
-  std::memcpy(x, payload, 4 * kLanes);
+inline void start_chunk(ChunkCursor& c, const uint8_t* payload, size_t bytes, uint32_t m, uint8_t* out) {
+  std::memcpy(c.x, payload, 4 * kLanes);
   for (int j = 0; j < kLanes; ++j)
-    if (x[j] < kL) throw CorruptStream("initial state below 2^16");
+    if (c.x[j] < kL) throw CorruptStream("initial state below 2^16");
+  c.w = payload + 4 * kLanes;
+  c.n_words = (bytes - 4 * kLanes) / 2;
+  c.rp = 0;
+  c.i = 0;
+  c.m = m;
+  c.out = out;
 }
 
-// Decodes symbols i..m-1 one at a time, every read checked, then checks that all n_words
-// words were consumed and every final state is kL. The SIMD decoders end with this.
-inline void decode_tail(const DecodeTable& t, uint32_t* x, const uint8_t* w, size_t n_words, size_t rp,
-                        uint32_t i, uint32_t m, uint8_t* out) {
+// Whole groups a chunk can still decode with no bounds check: each group reads at most
+// kLanes words, so while this is > 0 the next group's word loads stay in [rp, rp + kLanes)
+// inside the payload. Running k <= safe_groups(c) groups and asking again stops at exactly
+// the group where "i + kLanes <= m and n_words - rp >= kLanes" first fails.
+inline uint32_t safe_groups(const ChunkCursor& c) {
+  const size_t by_words = (c.n_words - c.rp) / kLanes;
+  const uint32_t by_syms = (c.m - c.i) / kLanes;
+  return by_words < by_syms ? static_cast<uint32_t>(by_words) : by_syms;
+}
+
+// Decodes the whole groups of the n <= kBatch chunks c[0..n), side by side (several
+// chunks' table lookups in flight at once hide their latency), as far as safe_groups
+// allows; on return safe_groups is 0 for every one. Every implementation leaves the same
+// states, positions and output symbols as the scalar one.
+constexpr int kBatch = 4;
+using GroupDecoder = void (*)(const DecodeTable& t, ChunkCursor* const* c, int n);
+
+// Calls run(act, m) on the m chunks of c[0..n) that have whole groups left, again and again
+// until none has; run must decode until one of its chunks has none left.
+template <class Run>
+inline void for_active_chunks(ChunkCursor* const* c, int n, Run&& run) {
+  ChunkCursor* act[kBatch];
+  int m = 0;
+  for (int k = 0; k < n; ++k)
+    if (safe_groups(*c[k]) > 0) act[m++] = c[k];
+  while (m > 0) {
+    run(act, m);
+    int r = 0;
+    for (int k = 0; k < m; ++k)
+      if (safe_groups(*act[k]) > 0) act[r++] = act[k];
+    m = r;
+  }
+}
+
+// Groups all of the chunks c[0..N) can still take side by side.
+template <int N>
+inline uint32_t common_groups(ChunkCursor* const* c) {
+  uint32_t k = safe_groups(*c[0]);
+  for (int j = 1; j < N; ++j) k = std::min(k, safe_groups(*c[j]));
+  return k;
+}
+
+void decode_groups_scalar(const DecodeTable& t, ChunkCursor* const* c, int n);
+void decode_groups_avx2(const DecodeTable& t, ChunkCursor* const* c, int n);
+void decode_groups_avx512(const DecodeTable& t, ChunkCursor* const* c, int n);
+
+// Decodes the remaining symbols one at a time, every read checked, then checks that all
+// n_words words were consumed and every final state is kL. Throws CorruptStream when the
+// words run out, are left over, or a final state differs from kL.
+inline void finish_chunk(const DecodeTable& t, ChunkCursor& c) {
   const int sb = t.scale_bits;
   const uint32_t mask = t.mask;
   const uint32_t* info = t.info.data();
   const uint8_t* sym = t.sym.data();
-  for (; i < m; ++i) {
+  uint32_t* x = c.x;
+  size_t rp = c.rp;
+  for (uint32_t i = c.i; i < c.m; ++i) {
     uint32_t& s = x[i % kLanes];
     const uint32_t slot = s & mask, e = info[slot];
-    out[i] = sym[slot];
+    c.out[i] = sym[slot];
     s = (e & 0xFFFFu) * (s >> sb) + (e >> 16);
     if (s < kL) {
-      if (rp >= n_words) throw CorruptStream("chunk payload ends before its last symbol");
+      if (rp >= c.n_words) throw CorruptStream("chunk payload ends before its last symbol");
       uint16_t word;
-      std::memcpy(&word, w + 2 * rp, 2);
+      std::memcpy(&word, c.w + 2 * rp, 2);
       s = (s << 16) | word;
       ++rp;
     }
   }
-  if (rp != n_words) throw CorruptStream("chunk payload has unread words");
+  c.i = c.m;
+  c.rp = rp;
+  if (rp != c.n_words) throw CorruptStream("chunk payload has unread words");
   for (int j = 0; j < kLanes; ++j)
     if (x[j] != kL) throw CorruptStream("final state check failed");
 }
