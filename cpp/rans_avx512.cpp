@@ -241,21 +241,30 @@ EOQ_AVX512 void decode_with(const DecodeTable& t, ChunkCursor* const* c, int n) 
 
 // One encode step of 16 lanes (sym: 16 symbol bytes); returns the renormalisation mask
 // and the low words of the states before the push.
-// Alphabets of at most 32 symbols look the model up in registers (two-table permutes)
-// instead of gathering it from memory.
+// Alphabets of at most 32 (kSmall = 1) or 64 (kSmall = 2) symbols look the model up in
+// registers (two-table permutes, blended on bit 5 of the symbol for 64) instead of
+// gathering it from memory (kSmall = 0).
 struct SmallModel {
-  __m512i mult[2], thr[2], cc[2];
+  __m512i mult[4], thr[4], cc[4];
 };
 
-template <bool kSmall>
+template <int kSmall>
+EOQ_AVX512 inline __m512i lookup(const __m512i* tab, __m512i s, __mmask16 upper) {
+  const __m512i lo = _mm512_permutex2var_epi32(tab[0], s, tab[1]);
+  if (kSmall == 1) return lo;
+  return _mm512_mask_mov_epi32(lo, upper, _mm512_permutex2var_epi32(tab[2], s, tab[3]));
+}
+
+template <int kSmall>
 EOQ_AVX512 inline __m512i enc_step(__m512i x, const EncTable& t, const SmallModel& sm, const uint8_t* sym,
                                    __mmask16& need, __m256i& words) {
   const __m512i s = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sym)));
   __m512i mult, thr, cc;
-  if (kSmall) {  // every symbol is < 32 here
-    mult = _mm512_permutex2var_epi32(sm.mult[0], s, sm.mult[1]);
-    thr = _mm512_permutex2var_epi32(sm.thr[0], s, sm.thr[1]);
-    cc = _mm512_permutex2var_epi32(sm.cc[0], s, sm.cc[1]);
+  if (kSmall) {
+    const __mmask16 upper = _mm512_test_epi32_mask(s, _mm512_set1_epi32(32));
+    mult = lookup<kSmall>(sm.mult, s, upper);
+    thr = lookup<kSmall>(sm.thr, s, upper);
+    cc = lookup<kSmall>(sm.cc, s, upper);
   } else {
     mult = _mm512_i32gather_epi32(s, t.mult.data(), 4);
     thr = _mm512_i32gather_epi32(s, t.thr.data(), 4);
@@ -281,11 +290,11 @@ EOQ_AVX512 inline void emit(__mmask16 need, __m256i words, uint16_t* out, size_t
   _mm256_mask_storeu_epi16(out + pos, static_cast<__mmask16>((1u << c) - 1), _mm256_maskz_compress_epi16(need, words));
 }
 
-template <bool kSmall>
+template <int kSmall>
 EOQ_AVX512 void encode_groups_avx512_impl(const EncTable& t, const uint8_t* sym, uint32_t n_groups, uint32_t* x,
                                           uint16_t* words, size_t* pos) {
   SmallModel sm;
-  for (int h = 0; h < 2; ++h) {  // the tables have 256 entries, zero past the alphabet
+  for (int h = 0; h < 4; ++h) {  // the tables have 256 entries, zero past the alphabet
     sm.mult[h] = _mm512_loadu_si512(t.mult.data() + 16 * h);
     sm.thr[h] = _mm512_loadu_si512(t.thr.data() + 16 * h);
     sm.cc[h] = _mm512_loadu_si512(t.cc.data() + 16 * h);
@@ -326,9 +335,11 @@ void decode_groups_avx512(const DecodeTable& t, ChunkCursor* const* c, int n) {
 void encode_groups_avx512(const EncTable& t, const uint8_t* sym, uint32_t n_groups, uint32_t* x, uint16_t* words,
                           size_t* pos) {
   if (t.sym.size() <= 32)
-    encode_groups_avx512_impl<true>(t, sym, n_groups, x, words, pos);
+    encode_groups_avx512_impl<1>(t, sym, n_groups, x, words, pos);
+  else if (t.sym.size() <= 64)
+    encode_groups_avx512_impl<2>(t, sym, n_groups, x, words, pos);
   else
-    encode_groups_avx512_impl<false>(t, sym, n_groups, x, words, pos);
+    encode_groups_avx512_impl<0>(t, sym, n_groups, x, words, pos);
 }
 
 }  // namespace rans

@@ -19,6 +19,8 @@ inputs = {
     "empty": np.zeros(0, np.uint8),
     "odd": rng.integers(0, 256, 33).astype(np.uint8),
     "skewed": np.clip(np.rint(rng.normal(16, 4, 700_001)), 0, 31).astype(np.uint8),
+    "six-bit": np.clip(np.rint(rng.normal(32, 9, 300_001)), 0, 63).astype(np.uint8),  # alphabet 33..64
+    "alphabet-33": rng.integers(0, 33, 70_000).astype(np.uint8),
     "uniform": rng.integers(0, 256, 300_000).astype(np.uint8),
     "single": np.full(200_000, 255, np.uint8),
     "rare": np.where(rng.random(500_000) < 1e-4, rng.integers(0, 256, 500_000), 3).astype(np.uint8),
