@@ -16,7 +16,9 @@ For each (model, method, bits, calibrated) it reports, over all quantized Linear
 bits/weight packed and rANS-coded (everything stored, weighted by tensor size), the
 relative weight error sum||dW||^2 / sum||W||^2, the mean over tensors of the relative
 activation-weighted output error sum_c E[a_c^2]||dW_c||^2 / sum_c E[a_c^2]||W_c||^2, and
-the quantization time. Then, per model and rate, the error of each method interpolated at
+the quantization time, and how far the rANS rate sits above the rate-distortion bound of
+a Gaussian source with each tensor's variance at the measured MSE (an upper bound of the
+weights' own R(D), so the true gap is at least this). Then, per model and rate, the error of each method interpolated at
 2..6 bits/weight (log-linear between measured points), and the winner.
 """
 
@@ -99,7 +101,7 @@ def run(args):
                         dt = time.perf_counter() - t0
                         w_hat = qt.dequantize(torch.float32)
                         a = acc.setdefault((method, bits, calibrated), dict(n=0, packed=0, rans=0, dw=0.0, wn=0.0,
-                                                                             out=[], time=0.0))
+                                                                             out=[], time=0.0, rd=0.0))
                         a["n"] += w.numel()
                         a["packed"] += qt.stored_bytes("packed")
                         a["rans"] += qt.stored_bytes("rans")
@@ -107,12 +109,17 @@ def run(args):
                         a["wn"] += wn
                         a["out"].append(weighted_error(w, w_hat, imp) / wa)
                         a["time"] += dt
+                        # bits a Gaussian source of the same variance needs for this MSE
+                        var = float(w.double().var())
+                        mse = float((w_hat - w).double().pow(2).mean())
+                        a["rd"] += 0.5 * math.log2(var / mse) * w.numel() if mse > 0 else 0.0
             print(f"  [{i + 1}/{len(tensors)}] {name}", file=sys.stderr, flush=True)
         for (method, bits, calibrated), a in sorted(acc.items()):
             rows.append(dict(model=label, gridded=gridded, method=method, bits=bits, calibrated=calibrated,
                              tensors=len(tensors), weights=a["n"], bpw_packed=8 * a["packed"] / a["n"],
                              bpw_rans=8 * a["rans"] / a["n"], rel_weight_err=a["dw"] / a["wn"],
-                             rel_output_err=sum(a["out"]) / len(a["out"]), seconds=a["time"]))
+                             rel_output_err=sum(a["out"]) / len(a["out"]), seconds=a["time"],
+                             gap_to_gaussian_rd=8 * a["rans"] / a["n"] - a["rd"] / a["n"]))
         del model
     return rows
 
@@ -148,12 +155,14 @@ def winners(rows, rates):
 
 
 def print_tables(rows, wins):
-    print("| model | method | bits | calibrated | bpw packed | bpw rANS | rel. weight err | rel. output err | time s |")
-    print("|---|---|---:|---|---:|---:|---:|---:|---:|")
+    print("| model | method | bits | calibrated | bpw packed | bpw rANS | rel. weight err | rel. output err | "
+          "rANS bpw - Gaussian R(D) | time s |")
+    print("|---|---|---:|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         m = r["model"] + (" (gridded)" if r["gridded"] else "")
         print(f"| {m} | {r['method']} | {r['bits']:g} | {'AWQ' if r['calibrated'] else 'no'} | {r['bpw_packed']:.3f} | "
-              f"{r['bpw_rans']:.3f} | {r['rel_weight_err']:.3e} | {r['rel_output_err']:.3e} | {r['seconds']:.1f} |")
+              f"{r['bpw_rans']:.3f} | {r['rel_weight_err']:.3e} | {r['rel_output_err']:.3e} | "
+              f"{r.get('gap_to_gaussian_rd', float('nan')):+.3f} | {r['seconds']:.1f} |")
     print()
     print("Relative output error at equal bits/weight (each method's best codec, log-linear interpolation):")
     print()
