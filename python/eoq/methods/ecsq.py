@@ -21,7 +21,7 @@ Theory (high rate, Gaussian): a uniform quantizer with ideal entropy coding sits
 rate Lloyd-Max sits further above it (0.42 bit at 4 bits).
 
 Codes are stored as q - min(q) in uint8 (the offset is in the metadata), so q must span
-at most 256 values: the step never goes below (max - min of x) / 255, which caps the rate
+at most 256 values: the step never goes below (max - min of x) / 254, which caps the rate
 at about 7 bits per weight for Gaussian-like rows.
 """
 
@@ -56,7 +56,7 @@ class _Problem:
         rows = x.shape[0]
         g = rows if not group_rows else int(group_rows)
         self.groups = [slice(r, min(rows, r + g)) for r in range(0, rows, g)]
-        self.lo = max(float(x.max() - x.min()) / 255.0, 1e-30)  # q spans at most 256 values
+        self.lo = max(float(x.max() - x.min()) / 254.0, 1e-30)  # q spans <= 255 steps even after rounding
         self.hi = max(2.0 * float(x.abs().max()), 2 * self.lo)  # every q = 0
 
     def q(self, sl, step):
@@ -194,6 +194,8 @@ def quantize(w: torch.Tensor, bits, block_size=None, importance=None, seed=0, na
 
     q = p.codes(steps)
     offset = int(q.min())
+    if int(q.max()) - offset > 255:  # the step floor p.lo makes this impossible; never wrap silently
+        raise AssertionError(f"{name}: ecsq codes span {int(q.max()) - offset + 1} values")
     codes = (q - offset).to(torch.uint8)
     meta["offset"] = offset
     code_bits = max(1, math.ceil(math.log2(int(codes.max()) + 1))) if codes.numel() else 1
