@@ -192,3 +192,17 @@ def test_dtype_is_kept(dtype):
     for method in METHODS:
         qt = eoq.quantize_tensor(w, method, 4)
         assert qt.dtype == dtype and qt.dequantize().dtype == dtype
+
+
+def test_ecsq_rate_cap_with_an_outlier():
+    """A huge outlier forces the step floor (codes must fit 256 values): the rate target
+    cannot be met, which the metadata says, and nothing wraps."""
+    w = gaussian(64, 256)
+    w[5, 7] = 1000.0
+    qt = eoq.quantize_tensor(w, "ecsq", 8)
+    assert qt.meta["rate_limited"]
+    assert int(qt.codes.max()) <= 255
+    w_hat = qt.dequantize(torch.float32)
+    step = float(qt.side["steps"][0])
+    # each rotated value is within step/2 and the rotation is orthonormal
+    assert float((w_hat - w).double().pow(2).sum()) <= w.numel() * (0.5 * step) ** 2 * 1.001
