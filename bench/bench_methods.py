@@ -124,14 +124,18 @@ def run(args):
     return rows
 
 
-def interpolate(points, rate):
-    """log(error) linear in bits/weight between the two measured points around `rate`."""
-    pts = sorted(points)
-    for (r0, e0), (r1, e1) in zip(pts, pts[1:]):
-        if r0 <= rate <= r1 and e0 > 0 and e1 > 0:
-            t = (rate - r0) / (r1 - r0) if r1 > r0 else 0
-            return math.exp(math.log(e0) + t * (math.log(e1) - math.log(e0)))
-    return None
+def interpolate(points, rate, reach=0.3):
+    """log(error) linear in bits/weight between the two measured points around `rate`, or
+    from the two nearest points when `rate` lies at most `reach` bits outside them."""
+    pts = sorted(p for p in points if p[1] > 0)
+    if len(pts) < 2 or not pts[0][0] - reach <= rate <= pts[-1][0] + reach:
+        return None
+    i = 0
+    while i < len(pts) - 2 and pts[i + 1][0] < rate:
+        i += 1
+    (r0, e0), (r1, e1) = pts[i], pts[i + 1]
+    t = (rate - r0) / (r1 - r0) if r1 > r0 else 0.0
+    return math.exp(math.log(e0) + t * (math.log(e1) - math.log(e0)))
 
 
 def winners(rows, rates):
@@ -164,7 +168,8 @@ def print_tables(rows, wins):
               f"{r['bpw_rans']:.3f} | {r['rel_weight_err']:.3e} | {r['rel_output_err']:.3e} | "
               f"{r.get('gap_to_gaussian_rd', float('nan')):+.3f} | {r['seconds']:.1f} |")
     print()
-    print("Relative output error at equal bits/weight (each method's best codec, log-linear interpolation):")
+    print("Relative output error at equal bits/weight (each method's best codec; log-linear interpolation,")
+    print("extrapolated at most 0.3 bit beyond the measured points):")
     print()
     methods = sorted({m for w in wins for m in w["errors"]})
     print("| model | calibrated | bits/weight | " + " | ".join(methods) + " | winner | margin |")
@@ -177,7 +182,7 @@ def print_tables(rows, wins):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--calib", required=True, help="calibration text: a file path, a datasets name, or 'self'")
+    p.add_argument("--calib", default=None, help="calibration text: a file path, a datasets name, or 'self'")
     p.add_argument("--model", default="dithered,gguf")
     p.add_argument("--methods", default="absmax,polar,turbo,ecsq")
     p.add_argument("--bits", default="2,3,4,5,6")
@@ -186,7 +191,15 @@ def main(argv=None):
     p.add_argument("--calib-len", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
+    p.add_argument("--from-json", default=None, help="reprint the tables of an earlier run's JSON")
     args = p.parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as f:
+            rows = json.load(f)["rows"]
+        print_tables(rows, winners(rows, [2, 3, 4, 5, 6]))
+        return
+    if not args.calib:
+        p.error("--calib is required")
     t0 = time.time()
     rows = run(args)
     wins = winners(rows, [2, 3, 4, 5, 6])
