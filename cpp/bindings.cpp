@@ -34,14 +34,13 @@ void require_f32(const Tensor& t, int64_t dim, const char* what) {
 Tensor rans_encode(const Tensor& symbols, int scale_bits, int64_t chunk_size) {
   require_u8_1d(symbols, "symbols");
   require(chunk_size > 0 && chunk_size <= 0xFFFFFFFFll, "chunk_size out of range");
-  std::vector<uint8_t> bytes;
-  {
-    py::gil_scoped_release nogil;
-    bytes = eoq::rans::encode(symbols.data_ptr<uint8_t>(), symbols.numel(), scale_bits,
-                              static_cast<uint32_t>(chunk_size));
-  }
-  Tensor out = torch::empty({static_cast<int64_t>(bytes.size())}, torch::kUInt8);
-  std::memcpy(out.data_ptr<uint8_t>(), bytes.data(), bytes.size());
+  Tensor out;
+  py::gil_scoped_release nogil;
+  eoq::rans::encode(symbols.data_ptr<uint8_t>(), symbols.numel(), scale_bits, static_cast<uint32_t>(chunk_size),
+                    [&](size_t size) {
+                      out = torch::empty({static_cast<int64_t>(size)}, torch::kUInt8);
+                      return out.data_ptr<uint8_t>();
+                    });
   return out;
 }
 

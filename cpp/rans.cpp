@@ -242,7 +242,7 @@ std::vector<uint32_t> normalize_freqs(const std::vector<uint64_t>& counts, int s
 
 // ---- stream encode ---------------------------------------------------------------------
 
-std::vector<uint8_t> encode(const uint8_t* symbols, uint64_t n, int scale_bits, uint32_t chunk_size) {
+size_t encode(const uint8_t* symbols, uint64_t n, int scale_bits, uint32_t chunk_size, const Allocator& alloc) {
   check_params(scale_bits, chunk_size);
   const uint64_t n_chunks64 = (n + chunk_size - 1) / chunk_size;
   if (n_chunks64 > 0xFFFFFFFFull) throw InvalidInput("rans_encode: too many symbols");
@@ -283,11 +283,15 @@ std::vector<uint8_t> encode(const uint8_t* symbols, uint64_t n, int scale_bits, 
     put<uint32_t>(out, crc[c]);
   }
   put<uint32_t>(out, crc32c(out.data(), out.size()));
-  size_t total = out.size();
-  for (const auto& p : payload) total += p.size();
-  out.reserve(total);
-  for (const auto& p : payload) out.insert(out.end(), p.begin(), p.end());
-  return out;
+  // One output buffer from the caller, filled in parallel: no serial copy of the payloads.
+  std::vector<size_t> offset(n_chunks + 1, out.size());
+  for (uint32_t c = 0; c < n_chunks; ++c) offset[c + 1] = offset[c] + payload[c].size();
+  uint8_t* dst = alloc(offset[n_chunks]);
+  std::memcpy(dst, out.data(), out.size());
+  at::parallel_for(0, n_chunks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t c = b; c < e; ++c) std::memcpy(dst + offset[c], payload[c].data(), payload[c].size());
+  });
+  return offset[n_chunks];
 }
 
 // ---- stream parse and decode -------------------------------------------------------------

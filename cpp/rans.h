@@ -58,6 +58,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -91,7 +92,10 @@ struct Header {
 // count > 0, chosen greedily to minimise the coded size sum(count * log2(M / f)).
 std::vector<uint32_t> normalize_freqs(const std::vector<uint64_t>& counts, int scale_bits);
 
-std::vector<uint8_t> encode(const uint8_t* symbols, uint64_t n, int scale_bits, uint32_t chunk_size);
+// The stream goes into a buffer the caller allocates once its size is known (so the
+// bindings can hand out a tensor's memory); returns that size.
+using Allocator = std::function<uint8_t*(size_t)>;
+size_t encode(const uint8_t* symbols, uint64_t n, int scale_bits, uint32_t chunk_size, const Allocator& alloc);
 
 // Validates the header (layout, CRC, table, chunk index, total length) without decoding.
 Header parse(const uint8_t* stream, size_t len);
