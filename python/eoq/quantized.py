@@ -31,6 +31,7 @@ class QuantizedTensor:
     side: dict[str, torch.Tensor]     # stored side tensors, at their stored dtype
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)  # scalar parameters
     name: str = "tensor"
+    _stored: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)  # codec -> bytes
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         from .methods import METHODS
@@ -53,10 +54,9 @@ class QuantizedTensor:
         return sum(t.numel() * t.element_size() for t in self.side.values())
 
     def stored_bytes(self, codec: str = "rans") -> int:
-        key = f"_stored_{codec}"
-        if key not in self.meta:
-            self.meta[key] = int(self.code_stream(codec).numel()) + self.side_bytes()
-        return self.meta[key]
+        if codec not in self._stored:
+            self._stored[codec] = int(self.code_stream(codec).numel()) + self.side_bytes()
+        return self._stored[codec]
 
     def bits_per_weight(self, codec: str = "rans") -> float:
         return 8.0 * self.stored_bytes(codec) / (self.shape[0] * self.shape[1])
