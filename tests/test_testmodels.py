@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-gguf = pytest.importorskip("gguf", reason="eoq.gguf_weights needs the gguf package (pip install gguf)")
+import gguf  # noqa: F401  (a test dependency the Makefile installs: a missing one fails, never skips)
 
 from eoq import testmodels  # noqa: E402
 from eoq.gguf_weights import CLASS_ORDER, linear_weights, tensor_class, tensor_layer  # noqa: E402
@@ -148,16 +148,11 @@ def test_fetch_failure_is_explained(tmp_path, monkeypatch):
 # SmolLM2-dithered (eoq.dithered) and all-MiniLM-L6-v2 (eoq.embeddings)
 # ---------------------------------------------------------------------------------------
 
-try:
-    import safetensors.torch as safetensors_torch
-    import transformers
-except ImportError:  # pragma: no cover - the Makefile installs both
-    transformers = safetensors_torch = None
+import safetensors.torch as safetensors_torch
+import transformers
 
 from eoq import dithered  # noqa: E402
 from eoq.embeddings import mean_pool, sentence_embeddings  # noqa: E402
-
-needs_transformers = pytest.mark.skipif(transformers is None, reason="needs transformers and safetensors")
 
 HEADS, KV_HEADS = 9, 3
 
@@ -210,7 +205,6 @@ def gguf_tensors(model_path):
     return out
 
 
-@needs_transformers
 def test_rotary_permutation_matches_transformers():
     from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
@@ -223,7 +217,6 @@ def test_rotary_permutation_matches_transformers():
         assert np.array_equal(x[perm.numpy()], want)
 
 
-@needs_transformers
 def test_block_steps_from_raw_blocks(gguf_tensors):
     # d read from the raw fp16 block header; Q4_1 values are m + d*q (q in 0..15), so every
     # value of a block is a whole number of steps away from the block minimum.
@@ -251,7 +244,6 @@ def test_dither_to_bf16_stays_in_cell():
     assert dithered.tensor_seed(0, "a") != dithered.tensor_seed(1, "a") != dithered.tensor_seed(0, "b")
 
 
-@needs_transformers
 def test_dithered_loads_offline(dithered_path, offline):
     cfg = json.loads((dithered_path / "config.json").read_text())
     assert "quantization_config" not in cfg and cfg["dtype"] == "bfloat16" and cfg["model_type"] == "llama"
@@ -263,7 +255,6 @@ def test_dithered_loads_offline(dithered_path, offline):
     assert tok.chat_template and len(tok("hello world")["input_ids"]) > 0
 
 
-@needs_transformers
 def test_dithered_weights_in_cell_and_off_grid(dithered_state, gguf_tensors):
     assert set(dithered_state) == set(gguf_tensors)  # lm_head tied: stored once
     n_quant = 0
@@ -292,7 +283,6 @@ def test_dithered_weights_in_cell_and_off_grid(dithered_state, gguf_tensors):
     assert n_quant == LAYERS * 7 + 1
 
 
-@needs_transformers
 def test_dithered_build_is_deterministic(model_path, dithered_path, tmp_path):
     again = dithered.build_dithered(model_path, tmp_path / "again", seed=0)
     for f in ("model.safetensors", "config.json", "tokenizer.json"):
@@ -300,7 +290,6 @@ def test_dithered_build_is_deterministic(model_path, dithered_path, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["again"]  # no temp folder left
 
 
-@needs_transformers
 def test_dithered_generation_matches_original(dithered_path, gguf_tensors, offline):
     tok = transformers.AutoTokenizer.from_pretrained(dithered_path)
     dith = transformers.AutoModelForCausalLM.from_pretrained(dithered_path, dtype=torch.float32)
@@ -327,7 +316,6 @@ def minilm_model(offline):
     return model, tok
 
 
-@needs_transformers
 def test_minilm_sentence_embeddings(minilm_model):
     model, tok = minilm_model
     assert model.config.model_type == "bert" and model.config.hidden_size == 384
