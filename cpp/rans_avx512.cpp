@@ -71,44 +71,58 @@ EOQ_AVX512 inline __m512i dec_step(__m512i x, const uint32_t* info, const uint8_
   return renorm(x, w, rp);
 }
 
+// The states of N chunks held in registers while their common whole groups are decoded.
+template <int N>
+struct Lanes {
+  __m512i x[N][2];
+  size_t rp[N];
+  const uint8_t* w[N];
+  uint8_t* out[N];
+};
+
+// Loads the N chunks' states, calls group(lanes, g) for every whole group g they all still
+// have (common_groups), advances the cursors, and stores the states back: the loop every
+// AVX-512 group decoder shares; `group` decodes group g of each chunk.
+template <int N, class Group>
+EOQ_AVX512 inline __attribute__((always_inline)) void over_common_groups(ChunkCursor* const* c, const Group& group) {
+  Lanes<N> l;
+  #pragma GCC unroll 4
+  for (int j = 0; j < N; ++j) {
+    l.x[j][0] = _mm512_load_si512(c[j]->x);
+    l.x[j][1] = _mm512_load_si512(c[j]->x + 16);
+    l.rp[j] = c[j]->rp;
+    l.w[j] = c[j]->w;
+  }
+  for (uint32_t k; (k = common_groups<N>(c)) > 0;) {
+    #pragma GCC unroll 4
+    for (int j = 0; j < N; ++j) l.out[j] = c[j]->out + c[j]->i;
+    for (uint32_t g = 0; g < k; ++g) group(l, g);
+    #pragma GCC unroll 4
+    for (int j = 0; j < N; ++j) {
+      c[j]->i += k * kLanes;
+      c[j]->rp = l.rp[j];
+    }
+  }
+  #pragma GCC unroll 4
+  for (int j = 0; j < N; ++j) {
+    _mm512_store_si512(c[j]->x, l.x[j][0]);
+    _mm512_store_si512(c[j]->x + 16, l.x[j][1]);
+  }
+}
+
 template <bool kPacked, int N>
 EOQ_AVX512 void gather_groups(const DecodeTable& t, ChunkCursor* const* c) {
   const __m128i sb = _mm_cvtsi32_si128(t.scale_bits);
   const __m512i mask = _mm512_set1_epi32(static_cast<int>(t.mask));
   const uint32_t* info = kPacked ? t.packed.data() : t.info.data();
   const uint8_t* sym = t.sym.data();
-  __m512i x[N][2];
-  size_t rp[N];
-  const uint8_t* w[N];
-  #pragma GCC unroll 4
-  for (int j = 0; j < N; ++j) {
-    x[j][0] = _mm512_load_si512(c[j]->x);
-    x[j][1] = _mm512_load_si512(c[j]->x + 16);
-    rp[j] = c[j]->rp;
-    w[j] = c[j]->w;
-  }
-  for (uint32_t k; (k = common_groups<N>(c)) > 0;) {
-    uint8_t* out[N];
+  over_common_groups<N>(c, [&](Lanes<N>& l, uint32_t g) EOQ_AVX512 {
     #pragma GCC unroll 4
-    for (int j = 0; j < N; ++j) out[j] = c[j]->out + c[j]->i;
-    for (uint32_t g = 0; g < k; ++g) {
+    for (int h = 0; h < 2; ++h)
       #pragma GCC unroll 4
-      for (int h = 0; h < 2; ++h)
-        #pragma GCC unroll 4
-        for (int j = 0; j < N; ++j)
-          x[j][h] = dec_step<kPacked>(x[j][h], info, sym, mask, sb, w[j], rp[j], out[j] + g * kLanes + 16 * h);
-    }
-    #pragma GCC unroll 4
-    for (int j = 0; j < N; ++j) {
-      c[j]->i += k * kLanes;
-      c[j]->rp = rp[j];
-    }
-  }
-  #pragma GCC unroll 4
-  for (int j = 0; j < N; ++j) {
-    _mm512_store_si512(c[j]->x, x[j][0]);
-    _mm512_store_si512(c[j]->x + 16, x[j][1]);
-  }
+      for (int j = 0; j < N; ++j)
+        l.x[j][h] = dec_step<kPacked>(l.x[j][h], info, sym, mask, sb, l.w[j], l.rp[j], l.out[j] + g * kLanes + 16 * h);
+  });
 }
 
 // ---- alphabets of <= 64 symbols: the model in registers, binary search ----
@@ -176,34 +190,10 @@ template <int kSteps, int N>
 EOQ_AVX512 void small_groups(const DecodeTable& t, ChunkCursor* const* c) {
   const SearchModel<kSteps> sm(t);
   const __m128i sb = _mm_cvtsi32_si128(t.scale_bits);
-  __m512i x[N][2];
-  size_t rp[N];
-  const uint8_t* w[N];
-  #pragma GCC unroll 4
-  for (int j = 0; j < N; ++j) {
-    x[j][0] = _mm512_load_si512(c[j]->x);
-    x[j][1] = _mm512_load_si512(c[j]->x + 16);
-    rp[j] = c[j]->rp;
-    w[j] = c[j]->w;
-  }
-  for (uint32_t k; (k = common_groups<N>(c)) > 0;) {
-    uint8_t* out[N];
+  over_common_groups<N>(c, [&](Lanes<N>& l, uint32_t g) EOQ_AVX512 {
     #pragma GCC unroll 4
-    for (int j = 0; j < N; ++j) out[j] = c[j]->out + c[j]->i;
-    for (uint32_t g = 0; g < k; ++g)
-      #pragma GCC unroll 4
-      for (int j = 0; j < N; ++j) small_group<kSteps>(x[j][0], x[j][1], sm, sb, w[j], rp[j], out[j] + g * kLanes);
-    #pragma GCC unroll 4
-    for (int j = 0; j < N; ++j) {
-      c[j]->i += k * kLanes;
-      c[j]->rp = rp[j];
-    }
-  }
-  #pragma GCC unroll 4
-  for (int j = 0; j < N; ++j) {
-    _mm512_store_si512(c[j]->x, x[j][0]);
-    _mm512_store_si512(c[j]->x + 16, x[j][1]);
-  }
+    for (int j = 0; j < N; ++j) small_group<kSteps>(l.x[j][0], l.x[j][1], sm, sb, l.w[j], l.rp[j], l.out[j] + g * kLanes);
+  });
 }
 
 // Runs Impl<N> on act[0..N) for N = m.
