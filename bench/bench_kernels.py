@@ -45,6 +45,7 @@ import torch
 from eoq import ops
 from eoq.demo import rotate
 from eoq.gguf_weights import linear_weights
+from eoq.quantized import code_entropy_bits
 from eoq.testmodels import smollm2_gguf
 
 HTS_LIB_CANDIDATES = ("libhtscodecs.so.2", "/usr/lib/x86_64-linux-gnu/libhtscodecs.so.2", "libhtscodecs.so")
@@ -118,13 +119,6 @@ def best_time(fn, repeats: int) -> tuple[float, object]:
         out = fn()
         best = min(best, time.perf_counter() - t0)
     return best, out
-
-
-def entropy_bits_per_symbol(sym: torch.Tensor) -> float:
-    h = torch.bincount(sym, minlength=256).double()
-    h = h[h > 0]
-    p = h / h.sum()
-    return float(-(p * torch.log2(p)).sum())
 
 
 def cpu_name() -> str:
@@ -230,7 +224,7 @@ def bench(args) -> dict:
             if not torch.equal(dec, sym):
                 raise RuntimeError(f"eoq rANS round trip failed on {lab}")
             r = {"threads": nt, "setting": lab, "symbols": n, "enc_Msps": n / te / 1e6, "dec_Msps": n / td / 1e6,
-                 "bits_per_symbol": 8 * stream.numel() / n, "entropy": entropy_bits_per_symbol(sym)}
+                 "bits_per_symbol": 8 * stream.numel() / n, "entropy": code_entropy_bits(sym)}
             if lab in hts_best:
                 r["enc_ratio"] = r["enc_Msps"] / hts_best[lab]["enc"]
                 r["dec_ratio"] = r["dec_Msps"] / hts_best[lab]["dec"]
