@@ -30,3 +30,20 @@ def smollm2_down(smollm2_path):
         if "ffn_down" in name:
             return w
     raise AssertionError(f"no ffn_down weight in {smollm2_path}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_model(smollm2_path):
+    """SmolLM2-135M-Instruct as transformers loads its GGUF (float32, eval mode)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(smollm2_path.parent), gguf_file=smollm2_path.name,
+                                                 dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(smollm2_path.parent), gguf_file=smollm2_path.name)

@@ -1,0 +1,132 @@
+"""The ``eoq`` command: ``eoq quantize MODEL -o OUT [options]`` and ``eoq info DIR``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional
+
+from .quant_config import ProtectRule, QuantConfig
+
+
+def _size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    if t and t[-1] in units:
+        return int(float(t[:-1]) * units[t[-1]])
+    return int(t)
+
+
+def _value(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _rule(text: str, regex: bool) -> ProtectRule:
+    """NAME (keep as is), NAME=passthrough, or NAME=METHOD[:BITS] (its own setting)."""
+    pattern, _, action = text.partition("=")
+    if not action or action == "passthrough":
+        return ProtectRule(pattern, regex=regex)
+    method, _, bits = action.partition(":")
+    return ProtectRule(pattern, regex=regex, action="quantize", method=method or None,
+                       bits=float(bits) if bits else None)
+
+
+def quantize_parser(sub) -> None:
+    p = sub.add_parser("quantize", help="convert a model into an eoq folder",
+                       description="Convert a Hugging Face model (local folder, hub id, or .gguf file) into an "
+                                   "eoq-quantized folder that from_pretrained loads after `import eoq`.")
+    p.add_argument("model", help="model folder, hub id, or .gguf file")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--config", help="a QuantConfig JSON file; the options below override it")
+    p.add_argument("--method", help="ecsq (default), absmax, polar, turbo")
+    p.add_argument("--bits", type=float, help="bits (ecsq: coded bits/weight; default 4)")
+    p.add_argument("--block-size", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--codec", choices=("auto", "rans", "packed"))
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a method option, e.g. group_rows=64 (repeatable)")
+    p.add_argument("--calibration", help="calibration text: a file, a datasets name, or 'self' (default)")
+    p.add_argument("--data-free", action="store_true", help="no calibration and no AWQ")
+    p.add_argument("--no-awq", action="store_true", help="importance weighting without AWQ scales")
+    p.add_argument("--calib-sequences", type=int)
+    p.add_argument("--calib-seq-len", type=int)
+    p.add_argument("--quantize-embeddings", action="store_true")
+    p.add_argument("--quantize-lm-head", action="store_true")
+    p.add_argument("--min-numel", type=int)
+    p.add_argument("--protect", action="append", default=[], metavar="NAME[=passthrough|METHOD:BITS]",
+                   help="keep a tensor (exact name) as is, or give it its own setting (repeatable)")
+    p.add_argument("--protect-re", action="append", default=[], metavar="REGEX[=passthrough|METHOD:BITS]",
+                   help="as --protect, for every tensor the regular expression finds")
+    p.add_argument("--max-shard-size", type=_size, help="e.g. 2GB (default)")
+    p.add_argument("--gguf-file", help="the GGUF file inside MODEL when MODEL is a folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--threads", type=int, help="torch threads (the output does not depend on it)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run_quantize)
+
+
+def config_from_args(a) -> QuantConfig:
+    d = QuantConfig(calibration=None, awq=False).to_dict() if a.data_free else QuantConfig().to_dict()
+    if a.config:
+        with open(a.config) as f:
+            d.update(json.load(f))
+    for key in ("method", "bits", "block_size", "seed", "codec", "calibration", "calib_sequences", "calib_seq_len",
+                "min_numel", "max_shard_size"):
+        if getattr(a, key) is not None:
+            d[key] = getattr(a, key)
+    if a.data_free:
+        d["calibration"], d["awq"] = None, False
+    if a.no_awq:
+        d["awq"] = False
+    d["quantize_embeddings"] |= a.quantize_embeddings
+    d["quantize_lm_head"] |= a.quantize_lm_head
+    for opt in a.option:
+        key, sep, value = opt.partition("=")
+        if not sep:
+            raise SystemExit(f"--option {opt!r}: expected KEY=VALUE")
+        d["options"][key] = _value(value)
+    d["protect"] = list(d["protect"]) + [_rule(r, False) for r in a.protect] + [_rule(r, True) for r in a.protect_re]
+    return QuantConfig(**d)
+
+
+def run_quantize(a) -> int:
+    import torch
+
+    from .convert import quantize_model
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    config = config_from_args(a)
+    quantize_model(a.model, a.output, config, gguf_file=a.gguf_file, overwrite=a.overwrite,
+                   progress=not a.no_progress)
+    print(f"wrote {a.output}")
+    return 0
+
+
+def info_parser(sub) -> None:
+    p = sub.add_parser("info", help="the size table of an eoq folder")
+    p.add_argument("folder")
+    p.add_argument("--top", type=int, default=10, help="list the N largest quantized tensors")
+    p.set_defaults(func=lambda a: print(__import__("eoq").summary_table(
+        __import__("eoq").repo.read_manifest(a.folder), a.top)) or 0)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="eoq", description="entropy-optimal quantization of LLM checkpoints")
+    sub = parser.add_subparsers(dest="command", required=True)
+    quantize_parser(sub)
+    info_parser(sub)
+    a = parser.parse_args(argv)
+    try:
+        return a.func(a)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, ImportError) as e:
+        print(f"eoq {a.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

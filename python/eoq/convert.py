@@ -1,0 +1,447 @@
+"""``quantize_model``: a Hugging Face model in, a self-describing quantized folder out.
+
+The work happens in ``.<out>.eoq-partial`` next to the output:
+  state.json                  the config and source the partial work belongs to
+  calib_stats.safetensors     activation statistics, once calibration has run
+  parts/<hash>.safetensors    one file per finished parameter: its stored tensors and, in
+                              the metadata, its manifest entry (written to a temporary name
+                              and renamed, so a file that exists is complete)
+  repo/                       the output being assembled
+When every parameter has its part file, the shards, manifest, config, tokenizer, loader and
+card are written into repo/, which is renamed to the output. A run that dies at any point
+leaves the partial folder; running the same conversion again resumes from it, redoing
+nothing that was finished, and gives the same bytes as an uninterrupted run (every step is
+deterministic: per-tensor seeds derive from the config seed and the tensor's name).
+
+Memory: a folder source is read tensor by tensor (safetensors mmap) and each parameter is
+quantized and written before the next is read, so a data-free conversion holds one
+parameter (in float32) and its codes at a time, plus one output shard while assembling.
+Calibration needs the model itself in memory, for the calibration pass only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import zlib
+from typing import Optional, Union
+
+import torch
+
+from . import repo
+from .quant_config import QuantConfig
+from .quantized import quantize_tensor
+from .sources import Source, open_source
+
+FAULT_ENV = "EOQ_FAULT_AFTER_TENSORS"  # tests: die (os._exit) after this many new part files
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A per-parameter rotation seed: distinct signs per tensor, reproducible from the config."""
+    return (int(seed) * 0x9E3779B1 + zlib.crc32(name.encode())) & 0x7FFFFFFFFFFFFFFF
+
+
+# ---- what happens to each parameter ---------------------------------------------------------
+
+
+def plan(source: Source, config: QuantConfig, name: str, t: torch.Tensor) -> dict:
+    """{"action": quantize|passthrough|tied, "kind", "reason"/"rule", "method", "bits", ...}."""
+    if name in source.tied and source.tied[name] in source.names:
+        return {"action": "tied", "kind": "tied", "tied_to": source.tied[name]}
+    role = source.roles.get(name, "other")
+    if not t.is_floating_point():
+        return {"action": "passthrough", "kind": "passthrough", "reason": "integer"}
+    if t.dim() != 2:
+        return {"action": "passthrough", "kind": "passthrough", "reason": "non-2d"}
+    rule = config.rule_for(name)
+    if rule is not None and rule.action == "passthrough":
+        return {"action": "passthrough", "kind": "protected", "rule": rule.label}
+    heads = {k for k, v in source.tied.items() if v == name}  # parameters tied to this one
+    wanted = {
+        "linear": True, "conv1d": True,
+        "lm_head": config.quantize_lm_head,
+        "embedding": config.quantize_embeddings or (config.quantize_lm_head and
+                                                    any(source.roles.get(h) == "lm_head" for h in heads)),
+    }.get(role, False)
+    if rule is not None:  # a quantize rule: its own setting, whatever the defaults say
+        return {"action": "quantize", "kind": "protected", "rule": rule.label, "role": role,
+                "method": rule.method or config.method, "bits": config.bits if rule.bits is None else rule.bits,
+                "block_size": rule.block_size if rule.block_size is not None else config.block_size,
+                "options": {**config.options, **rule.options} if rule.method in (None, config.method)
+                else dict(rule.options)}
+    if not wanted:
+        reason = role if role in ("embedding", "lm_head") else "not-linear"
+        return {"action": "passthrough", "kind": "passthrough", "reason": reason}
+    if t.numel() < config.min_numel:
+        return {"action": "passthrough", "kind": "passthrough", "reason": "small"}
+    return {"action": "quantize", "kind": "quantized", "role": role, "method": config.method, "bits": config.bits,
+            "block_size": config.block_size, "options": dict(config.options)}
+
+
+def importance_for(source: Source, stats: Optional[dict], name: str) -> Optional[torch.Tensor]:
+    """E[a^2] of the inputs of the module owning `name` (for a tied embedding: of the head)."""
+    if not stats:
+        return None
+    owners = [name] + [h for h, target in source.tied.items() if target == name]
+    for owner in owners:
+        module = owner.removesuffix(".weight")
+        if module in stats:
+            return stats[module].mean_sq
+    return None
+
+
+def quantize_one(source: Source, config: QuantConfig, name: str, t: torch.Tensor, p: dict,
+                 stats: Optional[dict]) -> tuple[dict, dict[str, torch.Tensor]]:
+    if source.out_dtype is not None and t.is_floating_point():
+        t_out = t.to(source.out_dtype)
+    else:
+        t_out = t
+    if p["action"] == "passthrough":
+        t = t_out.contiguous()
+        return repo.plain_entry(t, p["kind"], p.get("reason"), p.get("rule")), {"tensor": t}
+    transposed = p["role"] == "conv1d"
+    w = t.t() if transposed else t
+    imp = importance_for(source, stats, name)
+    qt = quantize_tensor(w, p["method"], p["bits"], p["block_size"], importance=imp,
+                         seed=tensor_seed(config.seed, name), awq=bool(config.awq and imp is not None), name=name,
+                         **p["options"])
+    qt.dtype = t_out.dtype  # what the weight is dequantized to
+    qt.bits = p["bits"]     # as asked (AWQ takes its scales' bits out of ecsq's rate target)
+    return repo.quantized_entry(qt, config.codec, p["kind"], transposed, t.shape, p.get("rule"))
+
+
+# ---- the partial folder ---------------------------------------------------------------------
+
+
+class Partial:
+    def __init__(self, out: pathlib.Path, state: dict):
+        self.root = out.parent / f".{out.name}.eoq-partial"
+        self.parts = self.root / "parts"
+        self.state = state
+        state_file = self.root / "state.json"
+        if state_file.is_file():
+            old = json.loads(state_file.read_text())
+            if old != state:
+                raise ValueError(f"{self.root} holds an interrupted conversion with a different config or source; "
+                                 f"run it with the same settings to resume, or delete that folder")
+        else:
+            if self.root.exists():
+                shutil.rmtree(self.root)
+            self.parts.mkdir(parents=True)
+            atomic_write(state_file, json.dumps(state, indent=2, sort_keys=True))
+
+    def part_path(self, name: str) -> pathlib.Path:
+        return self.parts / (hashlib.sha1(name.encode()).hexdigest()[:20] + ".safetensors")
+
+    def load(self, name: str) -> Optional[dict]:
+        path = self.part_path(name)
+        if not path.is_file():
+            return None
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+        if meta.get("name") != name:
+            raise ValueError(f"{path}: part file of {meta.get('name')!r}, expected {name!r}")
+        return json.loads(meta["entry"])
+
+    def save(self, name: str, entry: dict, tensors: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        path = self.part_path(name)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={"name": name, "entry": json.dumps(entry, sort_keys=True)})
+        os.replace(tmp, path)
+
+    def tensors(self, name: str) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        return load_file(str(self.part_path(name)))
+
+
+def atomic_write(path: pathlib.Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ---- calibration ----------------------------------------------------------------------------
+
+
+def calibrate(source: Source, config: QuantConfig, partial: Partial, progress: bool) -> tuple[dict, dict]:
+    """Activation statistics of every Linear (cached in the partial folder), and a summary."""
+    from . import calibration as cal
+
+    path = partial.root / "calib_stats.safetensors"
+    info_path = partial.root / "calib_info.json"
+    if path.is_file() and info_path.is_file():
+        return cal.load_stats(path), json.loads(info_path.read_text())
+    if source.tokenizer is None:
+        raise ValueError(f"{source.name}: calibration needs a tokenizer and none was found; pass tokenizer= or "
+                         f"calibration=None (data-free)")
+    model = source.load_model()
+    if config.calibration == "self" and not model.can_generate():
+        # An encoder cannot sample its own text: the conversion goes on data-free, and says so.
+        import warnings
+        warnings.warn(f"{source.name}: calibration 'self' samples text from the model and "
+                      f"{type(model).__name__} cannot generate; converting without activation statistics. "
+                      f"Give a calibration text (calibration=PATH) for activation weighting.", stacklevel=3)
+        source.release_model()
+        return None, {"source": None, "requested": "self", "reason": f"{type(model).__name__} cannot generate"}
+    if config.calibration == "self":
+        stats, text = cal.self_stats(model, source.tokenizer, config.calib_sequences, config.calib_self_len,
+                                     seed=config.seed, progress=progress)
+        shape = (config.calib_sequences, config.calib_self_len)
+    else:
+        text = cal.load_text(config.calibration)
+        seqs = cal.token_sequences(text, source.tokenizer, config.calib_sequences, config.calib_seq_len)
+        stats = cal.collect_stats(model, seqs, progress=progress)
+        shape = (len(seqs), config.calib_seq_len)
+    info = {"source": config.calibration, "text_sha256_16": cal.text_fingerprint(text), "sequences": shape[0],
+            "seq_len": shape[1], "tokens": max((s.count for s in stats.values()), default=0)}
+    cal.save_stats(stats, path, source=config.calibration)
+    atomic_write(info_path, json.dumps(info, sort_keys=True))
+    source.release_model()
+    return stats, info
+
+
+# ---- assembling the output ------------------------------------------------------------------
+
+
+def stored_tensors(name: str, entry: dict, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The safetensors names of a parameter's stored tensors."""
+    if repo.is_quantized(entry):
+        return {f"{name}.{k}": v for k, v in parts.items()}
+    return {name: parts["tensor"]}
+
+
+def shard_plan(names: list[str], entries: dict, max_bytes: int) -> list[list[str]]:
+    shards, current, size = [], [], 0
+    for name in names:
+        n = entries[name]["stored_bytes"]
+        if current and size + n > max_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += n
+    if current or not shards:
+        shards.append(current)
+    return shards
+
+
+def write_shards(dest: pathlib.Path, partial: Partial, entries: dict, marker: Optional[str], max_bytes: int) -> int:
+    """Write the safetensors shards (and the index when there are several); returns their bytes."""
+    from safetensors.torch import save_file
+
+    names = [n for n in sorted(entries) if entries[n]["kind"] != "tied"]
+    shards = shard_plan(names, entries, max_bytes)
+    files = [repo.WEIGHTS] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map, total = {}, 0
+    for file, shard in zip(files, shards):
+        tensors = {}
+        for name in shard:
+            tensors.update(stored_tensors(name, entries[name], partial.tensors(name)))
+            entries[name]["file"] = file
+            if name == marker:
+                tensors[name] = torch.frombuffer(bytearray(repo.MARKER_TEXT.encode()), dtype=torch.uint8)
+        tmp = dest / (file + ".tmp")
+        # One metadata key only: safetensors writes metadata in hash order, which varies by run.
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, dest / file)
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map.update({k: file for k in tensors})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        atomic_write(dest / repo.INDEX, json.dumps(index, indent=2))
+    return total
+
+
+def totals(entries: dict, stored_total: int) -> dict:
+    counts: dict[str, int] = {}
+    original = quantized_params = quantized_bytes = all_params = 0
+    for e in entries.values():
+        counts[e["kind"]] = counts.get(e["kind"], 0) + 1
+        if e["kind"] == "tied":
+            continue
+        n = 1
+        for s in e["shape"]:
+            n *= s
+        all_params += n
+        original += n * torch.empty(0, dtype=repo.dtype_from_name(e["dtype"], "total")).element_size()
+        if repo.is_quantized(e):
+            quantized_params += n
+            quantized_bytes += e["stored_bytes"]
+    return {"original_bytes": original, "stored_bytes": stored_total,
+            "ratio": round(original / max(stored_total, 1), 4), "quantized_params": quantized_params,
+            "quantized_stored_bytes": quantized_bytes, "all_params": all_params,
+            "bits_per_weight_quantized": round(8.0 * quantized_bytes / max(quantized_params, 1), 4),
+            "bits_per_weight_all": round(8.0 * stored_total / max(all_params, 1), 4), "counts": counts}
+
+
+def write_config(dest: pathlib.Path, source: Source, config: QuantConfig, entries: dict) -> None:
+    cfg = source.config
+    cfg.quantization_config = {"quant_method": "eoq", "format_version": repo.FORMAT_VERSION,
+                               "eoq_version": _version(), **config.to_dict()}
+    dtypes = [e["dtype"] for e in entries.values() if repo.is_quantized(e)]
+    if dtypes:
+        cfg.dtype = max(set(dtypes), key=dtypes.count)
+    try:
+        cfg.save_pretrained(str(dest))
+    finally:
+        del cfg.quantization_config
+
+
+def _version() -> str:
+    from . import __version__
+    return __version__
+
+
+def check_settings(config: QuantConfig) -> None:
+    """Try the method settings (default and every quantize rule) on a small random weight, so
+    a bad option fails at once, before any work or partial folder exists."""
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(0))
+    settings = [(config.method, config.bits, config.block_size, config.options)]
+    for r in config.protect:
+        if r.action == "quantize":
+            method = r.method or config.method
+            options = {**config.options, **r.options} if method == config.method else r.options
+            settings.append((method, config.bits if r.bits is None else r.bits,
+                             r.block_size if r.block_size is not None else config.block_size, options))
+    for method, bits, block, options in settings:
+        if block is not None and block > 64:
+            block = None  # the block rule needs a wider weight; the setting itself is checked below
+        quantize_tensor(w, method, bits, block, name=f"QuantConfig ({method})", **options)
+
+
+# ---- the entry point ------------------------------------------------------------------------
+
+
+def quantize_model(model_or_path, out_dir: Union[str, os.PathLike], config: Optional[QuantConfig] = None, *,
+                   gguf_file: Optional[str] = None, tokenizer=None, dtype: Optional[torch.dtype] = None,
+                   stats=None, overwrite: bool = False, progress: bool = True, verbose: bool = True) -> dict:
+    """Convert a model (a PreTrainedModel, a local HF folder, a .gguf file or a hub id) into an
+    eoq folder at out_dir; returns the manifest. An interrupted run resumes when called again
+    with the same arguments. ``stats``: activation statistics already collected (a dict from
+    eoq.calibration.collect_stats, or a file from save_stats) instead of a calibration pass.
+    ``progress`` shows tqdm bars, ``verbose`` prints the summary."""
+    from tqdm.auto import tqdm
+
+    config = config or QuantConfig()
+    check_settings(config)
+    out = pathlib.Path(out_dir).absolute()
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+    source = open_source(model_or_path, gguf_file=gguf_file, tokenizer=tokenizer, dtype=dtype)
+    state = {"config": config.to_dict(), "source": source.describe(), "eoq_version": _version(),
+             "format_version": repo.FORMAT_VERSION}
+    partial = Partial(out, state)
+
+    entries: dict[str, dict] = {}
+    todo = []
+    for name in source.names:
+        done = partial.load(name)
+        if done is not None:
+            entries[name] = done
+        else:
+            todo.append(name)
+    calib = None
+    if stats is not None:
+        from .calibration import load_stats
+        stats = load_stats(stats) if isinstance(stats, (str, os.PathLike)) else stats
+        calib = {"source": "precomputed", "modules": len(stats),
+                 "tokens": max((s.count for s in stats.values()), default=0)}
+    elif not config.data_free:
+        stats, calib = calibrate(source, config, partial, progress)
+
+    fault_after = int(os.environ.get(FAULT_ENV, "0") or 0)
+    written = 0
+    for name in tqdm(todo, desc="quantize", unit="tensor", disable=not progress):
+        t = source.get(name)
+        p = plan(source, config, name, t)
+        if p["action"] == "tied":
+            dt = source.out_dtype if source.out_dtype is not None and t.is_floating_point() else t.dtype
+            entry, tensors = {"kind": "tied", "tied_to": p["tied_to"], "shape": list(t.shape),
+                              "dtype": repo.dtype_name(dt), "stored_bytes": 0}, {}
+        else:
+            entry, tensors = quantize_one(source, config, name, t, p, stats)
+        partial.save(name, entry, tensors)
+        entries[name] = entry
+        written += 1
+        if fault_after and written >= fault_after:
+            os._exit(75)
+
+    dest = partial.root / "repo"
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir()
+    quantized = sorted(n for n, e in entries.items() if repo.is_quantized(e))
+    marker = quantized[0] if quantized else None
+    stored_total = write_shards(dest, partial, entries, marker, config.max_shard_size)
+    manifest = {"format": repo.FORMAT, "format_version": repo.FORMAT_VERSION, "eoq_version": _version(),
+                "config": config.to_dict(), "source": source.describe(), "calibration": calib, "marker": marker,
+                "tensors": dict(sorted(entries.items())), "totals": totals(entries, stored_total)}
+    atomic_write(dest / repo.MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+    write_config(dest, source, config, entries)
+    source.save_extras(dest)
+    shutil.copy2(pathlib.Path(__file__).parent / "standalone" / "load_quantized.py", dest / "load_quantized.py")
+    from .card import write_card
+    write_card(dest)
+    _publish(dest, out)
+    shutil.rmtree(partial.root)
+    if verbose:
+        print(summary_table(manifest))
+    return manifest
+
+
+def _publish(dest: pathlib.Path, out: pathlib.Path) -> None:
+    """Rename the finished folder into place; an old output is moved aside first and removed
+    only once the new one is there."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.eoq-old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(out, old)
+    os.replace(dest, out)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def summary_table(manifest: dict, top: int = 0) -> str:
+    """Counts and sizes by kind and method; with top > 0 also the largest stored tensors."""
+    rows: dict[tuple, list] = {}
+    for e in manifest["tensors"].values():
+        if e["kind"] == "tied":
+            continue
+        key = (e["kind"], e.get("method", "-"), str(e.get("bits", "-")))
+        n = 1
+        for s in e["shape"]:
+            n *= s
+        acc = rows.setdefault(key, [0, 0, 0, 0])
+        acc[0] += 1
+        acc[1] += n
+        acc[2] += n * torch.empty(0, dtype=repo.dtype_from_name(e["dtype"], "table")).element_size()
+        acc[3] += e["stored_bytes"]
+    lines = [f"{'kind':<12} {'method':<7} {'bits':>5} {'tensors':>8} {'params':>12} {'original MB':>12} "
+             f"{'stored MB':>10} {'bits/w':>7}"]
+    for (kind, method, bits), (k, n, orig, stored) in sorted(rows.items()):
+        lines.append(f"{kind:<12} {method:<7} {bits:>5} {k:>8} {n:>12,} {orig / 1e6:>12.2f} {stored / 1e6:>10.2f} "
+                     f"{8 * stored / max(n, 1):>7.3f}")
+    t = manifest["totals"]
+    lines.append(f"total: {t['original_bytes'] / 1e6:.2f} MB -> {t['stored_bytes'] / 1e6:.2f} MB "
+                 f"(x{t['ratio']:.2f}); {t['bits_per_weight_quantized']:.3f} bits/weight over quantized weights, "
+                 f"{t['bits_per_weight_all']:.3f} over all parameters")
+    if top:
+        big = sorted(((e["stored_bytes"], n) for n, e in manifest["tensors"].items() if repo.is_quantized(e)),
+                     reverse=True)[:top]
+        lines.append(f"largest quantized tensors:")
+        for size, n in big:
+            e = manifest["tensors"][n]
+            lines.append(f"  {n:<50} {str(e['shape']):>14} {e['method']:<6} {e['bits_per_weight']:.3f} bits/w "
+                         f"{size / 1e6:.2f} MB")
+    return "\n".join(lines)

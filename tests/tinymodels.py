@@ -1,0 +1,46 @@
+"""Tiny Llama-, Qwen2- and GPT-2-style models built from configs (random weights, seconds),
+saved as HF folders for the conversion tests."""
+
+from __future__ import annotations
+
+import pathlib
+
+import torch
+
+ARCHS = ("llama", "qwen2", "gpt2")
+
+
+def build(arch: str, seed: int = 0, dtype=torch.bfloat16):
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    if arch == "llama":
+        cfg = tf.LlamaConfig(vocab_size=320, hidden_size=128, intermediate_size=352, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                             bos_token_id=1, eos_token_id=2)
+        model = tf.LlamaForCausalLM(cfg)
+    elif arch == "qwen2":
+        # hidden 96: not a multiple of 32 or 64, so the rotation pads / picks small blocks
+        cfg = tf.Qwen2Config(vocab_size=300, hidden_size=96, intermediate_size=200, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                             bos_token_id=1, eos_token_id=2)
+        model = tf.Qwen2ForCausalLM(cfg)
+    elif arch == "gpt2":
+        cfg = tf.GPT2Config(vocab_size=300, n_embd=96, n_layer=2, n_head=4, n_positions=128, bos_token_id=1,
+                            eos_token_id=2)
+        model = tf.GPT2LMHeadModel(cfg)
+    else:
+        raise ValueError(arch)
+    # Initialised weights are tiny (std 0.02) and biases zero; give the biases values so that
+    # a lost bias would show.
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0, 0.02)
+    return model.to(dtype).eval()
+
+
+def save(arch: str, folder: pathlib.Path, seed: int = 0) -> pathlib.Path:
+    model = build(arch, seed)
+    model.save_pretrained(str(folder))
+    return folder
