@@ -349,3 +349,33 @@ torch.save(model.state_dict(), {str(tmp_path / "sd.pt")!r})
     ref = eoq.read_state_dict(out)
     for name, t in ref.items():
         assert torch.equal(pure[name], t), name
+
+
+def test_sharded_input_folder(tiny, tmp_path):
+    """A checkpoint saved in shards (with an index) converts to the same weights as the single file."""
+    sharded = tmp_path / "sharded"
+    build("llama").save_pretrained(str(sharded), max_shard_size="100KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    eoq.quantize_model(sharded, tmp_path / "a", data_free(), progress=False, verbose=False)
+    eoq.quantize_model(tiny["llama"], tmp_path / "b", data_free(), progress=False, verbose=False)
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+def test_hub_id_offline_fails_clearly(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network attempt, whatever the box
+    with pytest.raises(RuntimeError, match="could not fetch 'nobody/no-such-model' from the Hugging Face hub"):
+        eoq.quantize_model("nobody/no-such-model", tmp_path / "q", data_free())
+
+
+def test_dtype_option_stores_float_tensors_in_it(tiny, tmp_path):
+    m = eoq.quantize_model(tiny["qwen2"], tmp_path / "q", data_free(dtype="float32"), progress=False, verbose=False)
+    t = m["tensors"]
+    assert {e["dtype"] for e in t.values()} == {"float32"}
+    sd = eoq.read_state_dict(tmp_path / "q")
+    base = build("qwen2").state_dict()
+    assert sd["model.norm.weight"].dtype == torch.float32
+    assert torch.equal(sd["model.norm.weight"], base["model.norm.weight"].float())
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        data_free(dtype="int8")

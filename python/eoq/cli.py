@@ -62,6 +62,8 @@ def quantize_parser(sub) -> None:
     p.add_argument("--protect-re", action="append", default=[], metavar="REGEX[=passthrough|METHOD:BITS]",
                    help="as --protect, for every tensor the regular expression finds")
     p.add_argument("--max-shard-size", type=_size, help="e.g. 2GB (default)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="store unquantized float tensors (and load quantized ones) in this dtype; default: the source's")
     p.add_argument("--gguf-file", help="the GGUF file inside MODEL when MODEL is a folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--threads", type=int, help="torch threads (the output does not depend on it)")
@@ -75,7 +77,7 @@ def config_from_args(a) -> QuantConfig:
         with open(a.config) as f:
             d.update(json.load(f))
     for key in ("method", "bits", "block_size", "seed", "codec", "calibration", "calib_sequences", "calib_seq_len",
-                "min_numel", "max_shard_size"):
+                "min_numel", "max_shard_size", "dtype"):
         if getattr(a, key) is not None:
             d[key] = getattr(a, key)
     if a.data_free:

@@ -95,8 +95,9 @@ def importance_for(source: Source, stats: Optional[dict], name: str) -> Optional
 
 def quantize_one(source: Source, config: QuantConfig, name: str, t: torch.Tensor, p: dict,
                  stats: Optional[dict]) -> tuple[dict, dict[str, torch.Tensor]]:
-    if source.out_dtype is not None and t.is_floating_point():
-        t_out = t.to(source.out_dtype)
+    out_dtype = getattr(torch, config.dtype) if config.dtype else source.out_dtype
+    if out_dtype is not None and t.is_floating_point():
+        t_out = t.to(out_dtype)
     else:
         t_out = t
     if p["action"] == "passthrough":
@@ -364,7 +365,8 @@ def quantize_model(model_or_path, out_dir: Union[str, os.PathLike], config: Opti
         t = source.get(name)
         p = plan(source, config, name, t)
         if p["action"] == "tied":
-            dt = source.out_dtype if source.out_dtype is not None and t.is_floating_point() else t.dtype
+            want = getattr(torch, config.dtype) if config.dtype else source.out_dtype
+            dt = want if want is not None and t.is_floating_point() else t.dtype
             entry, tensors = {"kind": "tied", "tied_to": p["tied_to"], "shape": list(t.shape),
                               "dtype": repo.dtype_name(dt), "stored_bytes": 0}, {}
         else:

@@ -22,6 +22,7 @@ from .methods import METHODS
 
 CODECS = ("auto", "rans", "packed")
 CALIBRATION_OFF = (None, "", "none")
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass
@@ -75,6 +76,7 @@ class QuantConfig:
     min_numel: int = 4096                # smaller 2-D weights stay as they are
     protect: list = dataclasses.field(default_factory=list)   # ProtectRule
     max_shard_size: int = 2 << 30        # bytes per safetensors shard
+    dtype: Optional[str] = None          # floating tensors stored / dequantized in this dtype (None: the source's)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -85,6 +87,8 @@ class QuantConfig:
             raise ValueError(f"QuantConfig: bits must be positive, got {self.bits}")
         if int(self.max_shard_size) < 1:
             raise ValueError(f"QuantConfig: max_shard_size must be positive, got {self.max_shard_size}")
+        if self.dtype is not None and self.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"QuantConfig: dtype must be one of {FLOAT_DTYPES} or None, got {self.dtype!r}")
         if self.calibration in CALIBRATION_OFF:
             self.calibration = None
         if self.awq and self.calibration is None:
