@@ -379,3 +379,16 @@ def test_dtype_option_stores_float_tensors_in_it(tiny, tmp_path):
     assert torch.equal(sd["model.norm.weight"], base["model.norm.weight"].float())
     with pytest.raises(ValueError, match="dtype must be one of"):
         data_free(dtype="int8")
+
+
+def test_base_model_class_loads_a_causal_lm_folder(tiny, tmp_path):
+    """AutoModel on a *ForCausalLM folder: transformers strips the head's prefix, the quantizer
+    still finds each parameter's entry (and the marker)."""
+    from transformers import AutoModel
+
+    eoq.quantize_model(tiny["llama"], tmp_path / "q", data_free(), progress=False, verbose=False)
+    model = AutoModel.from_pretrained(tmp_path / "q")
+    assert type(model).__name__ == "LlamaModel"
+    sd = eoq.read_state_dict(tmp_path / "q")
+    for n, t in model.state_dict().items():
+        assert torch.equal(t, sd["model." + n]), n

@@ -98,3 +98,26 @@ def test_minilm_default_config_converts_without_self_calibration(tmp_path):
     e = m["tensors"]["encoder.layer.0.attention.self.query.weight"]
     assert e["kind"] == "quantized" and "awq_scales" not in e["parts"]
     assert "BertModel cannot generate" in (tmp_path / "q" / "README.md").read_text()
+
+
+def test_eval_of_the_converted_smollm2_against_its_base(smollm2_eoq, tmp_path, capsys):
+    """`eoq eval` on the converted folder against the GGUF: the same windows through both models."""
+    import json
+
+    from eoq.cli import main
+
+    out, _ = smollm2_eoq
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(SENTENCES * 40))
+    rc = main(["eval", str(out), "--text", str(text), "--base", str(testmodels.smollm2_gguf()), "--n-ctx", "128",
+               "--max-windows", "3", "--out", str(tmp_path / "ev"), "--no-progress"])
+    assert rc == 0
+    assert "KLD mean" in capsys.readouterr().out
+    s = json.loads((tmp_path / "ev" / "eval_summary.json").read_text())
+    r = s["result"]
+    assert (r["protocol"], r["windows"], r["tokens"]) == ("llama.cpp", 3, 3 * 63)
+    assert 0 < r["kld"]["mean"] < 1 and 0.5 < r["same_top1"] < 1 and r["ppl"] > 1 and r["base"]["ppl"] > 1
+    assert s["model"]["kind"] == "eoq" and s["base"]["kind"] == "gguf"
+    assert s["model"]["fingerprint"] != s["base"]["fingerprint"]
+    gens = json.loads((tmp_path / "ev" / "sample_generations.json").read_text())
+    assert len(gens) == 4 and all(g["model"].strip() and g["base"].strip() for g in gens)

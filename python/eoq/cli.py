@@ -117,11 +117,44 @@ def info_parser(sub) -> None:
         __import__("eoq").repo.read_manifest(a.folder), a.top)) or 0)
 
 
+def eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="perplexity, and KL divergence against a base model",
+                       description="Perplexity of MODEL (an eoq folder, an HF folder or a .gguf file) on a text, "
+                                   "and with --base its KL divergence from the base, window by window.")
+    p.add_argument("model")
+    p.add_argument("--text", required=True, help="a text file or a datasets name (name[:config[:split]])")
+    p.add_argument("--base", help="the base model to compare with")
+    p.add_argument("--protocol", choices=("llama.cpp", "sliding"), default="llama.cpp")
+    p.add_argument("--n-ctx", type=int, default=512)
+    p.add_argument("--stride", type=int, default=256, help="sliding protocol only")
+    p.add_argument("--max-windows", type=int, help="evaluate at most N windows (quick runs)")
+    p.add_argument("--out", help="write eval_summary.json and sample_generations.json here")
+    p.add_argument("--no-samples", action="store_true", help="skip the sample generations")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_eval)
+
+
+def run_eval(a) -> int:
+    import torch
+
+    from .evaluate import evaluate, format_result
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    summary = evaluate(a.model, a.text, base=a.base, protocol=a.protocol, n_ctx=a.n_ctx, stride=a.stride,
+                       max_windows=a.max_windows, out_dir=a.out, samples=not a.no_samples,
+                       progress=not a.no_progress)
+    print(format_result(summary))
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="eoq", description="entropy-optimal quantization of LLM checkpoints")
     sub = parser.add_subparsers(dest="command", required=True)
     quantize_parser(sub)
     info_parser(sub)
+    eval_parser(sub)
     a = parser.parse_args(argv)
     try:
         return a.func(a)

@@ -140,7 +140,11 @@ def weight_files(folder: os.PathLike) -> dict[str, str]:
             index = json.loads((folder / INDEX).read_text())["weight_map"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise FormatError(f"{folder / INDEX}: unreadable shard index ({e})") from e
-        return {k: str(folder / v) for k, v in index.items()}
+        files = {k: str(folder / v) for k, v in index.items()}
+        for f in sorted(set(files.values())):
+            if not os.path.isfile(f):
+                raise FormatError(f"{folder / INDEX} names {os.path.basename(f)}, which is missing")
+        return files
     single = folder / WEIGHTS
     if not single.is_file():
         raise FormatError(f"{folder}: neither {WEIGHTS} nor {INDEX} is present")

@@ -11,7 +11,6 @@ GGUF loader (dequantized into memory, as transformers does); its ``quantization_
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import shutil
@@ -152,29 +151,13 @@ class FolderSource(Source):
             self.tokenizer = None
 
     def _index(self) -> dict[str, str]:
-        from safetensors import safe_open
+        from . import repo
 
-        index = self.folder / "model.safetensors.index.json"
-        if index.is_file():
-            try:
-                wm = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as e:
-                raise ValueError(f"{index}: unreadable shard index ({e})") from e
-            files = {k: str(self.folder / v) for k, v in wm.items()}
-            for f in set(files.values()):
-                if not os.path.isfile(f):
-                    raise FileNotFoundError(f"{index} names {os.path.basename(f)}, which is missing")
-            return files
-        single = self.folder / "model.safetensors"
-        if not single.is_file():
+        if not (self.folder / repo.INDEX).is_file() and not (self.folder / repo.WEIGHTS).is_file():
             bins = sorted(p.name for p in self.folder.glob("*.bin"))
             hint = f" (found {bins}: save the model with safetensors first)" if bins else ""
-            raise FileNotFoundError(f"{self.folder}: no model.safetensors or model.safetensors.index.json{hint}")
-        try:
-            with safe_open(str(single), "pt") as f:
-                return {k: str(single) for k in f.keys()}
-        except Exception as e:
-            raise ValueError(f"{single}: not a readable safetensors file ({e})") from e
+            raise FileNotFoundError(f"{self.folder}: no {repo.WEIGHTS} or {repo.INDEX}{hint}")
+        return repo.weight_files(self.folder)
 
     @staticmethod
     def _model_key(key: str, model_keys: set, prefix: str) -> str:
