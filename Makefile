@@ -8,6 +8,11 @@ VENV := .venv
 PYTHON := $(VENV)/bin/python
 PIP := $(PYTHON) -m pip
 export EOQ_CACHE ?= $(CURDIR)/.cache
+# The demo's evaluation text. Any file or datasets name works (EOQ_EVAL_TEXT=...); the
+# default is WikiText-2's test split where a checkout of the shared data sits beside this
+# one, and nothing otherwise (the demo then tries the datasets hub, and skips the evaluation
+# with a note when that is unreachable).
+export EOQ_EVAL_TEXT ?= $(wildcard $(CURDIR)/../shared/data/wikitext-2-raw/wiki.test.raw)
 PYTEST_ARGS ?=
 
 DEPS := $(VENV)/.deps-stamp

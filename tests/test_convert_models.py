@@ -121,3 +121,17 @@ def test_eval_of_the_converted_smollm2_against_its_base(smollm2_eoq, tmp_path, c
     assert s["model"]["fingerprint"] != s["base"]["fingerprint"]
     gens = json.loads((tmp_path / "ev" / "sample_generations.json").read_text())
     assert len(gens) == 4 and all(g["model"].strip() and g["base"].strip() for g in gens)
+
+
+def test_eval_of_an_encoder_is_embedding_cosine(tmp_path, minilm_text):
+    from eoq.evaluate import evaluate
+
+    q = tmp_path / "q"
+    eoq.quantize_model(testmodels.minilm(), q, eoq.QuantConfig(calibration=None, awq=False), progress=False,
+                       verbose=False)
+    s = evaluate(q, str(minilm_text), base=testmodels.minilm(), out_dir=q, progress=False)
+    c = s["result"]["cosine"]
+    assert s["result"]["protocol"] == "embedding-cosine" and s["result"]["sentences"] >= 1
+    assert 0.9 < c["min"] <= c["p1"] <= c["mean"] <= 1.0  # data-free 4 bits, one 256-token input
+    from eoq.card import write_card
+    assert "cosine similarity to the base" in write_card(q).read_text()

