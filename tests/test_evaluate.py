@@ -87,6 +87,12 @@ def test_kld_against_itself_and_a_perturbed_copy(model, ids):
             if p.dim() == 2:
                 p.add_(torch.randn(p.shape, generator=g) * p.std() * 0.5)
     r = evaluate_tokens(noisy, ids, base=model, protocol="sliding", n_ctx=40, stride=20, progress=False)
+    cache = {}
+    r1 = evaluate_tokens(noisy, ids, base=model, protocol="sliding", n_ctx=40, stride=20, progress=False,
+                         base_cache=cache)
+    r2 = evaluate_tokens(noisy, ids, base=model, protocol="sliding", n_ctx=40, stride=20, progress=False,
+                         base_cache=cache)
+    assert len(cache) == r["windows"] and r1 == r2 == r
     assert r["kld"]["mean"] > 1e-3 and r["kld"]["median"] <= r["kld"]["p99"] <= r["kld"]["max"]
     assert r["same_top1"] < 1.0 and r["rms_dp"] > 0
     assert r["base"]["tokens"] == r["tokens"] == len(ids) - 1

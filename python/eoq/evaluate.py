@@ -104,8 +104,10 @@ def _ppl(nll: torch.Tensor) -> dict:
 
 def evaluate_tokens(model, ids: torch.Tensor, base=None, protocol: str = "llama.cpp", n_ctx: int = 512,
                     stride: int = 256, bos_id: Optional[int] = None, max_windows: Optional[int] = None,
-                    progress: bool = True) -> dict:
-    """Perplexity of ``model`` on a 1-D token sequence, and with ``base`` the KL statistics."""
+                    progress: bool = True, base_cache: Optional[dict] = None) -> dict:
+    """Perplexity of ``model`` on a 1-D token sequence, and with ``base`` the KL statistics.
+    ``base_cache`` (a dict) keeps the base's log-probabilities per window across calls, for
+    comparing many models with one base (float32, n_ctx x vocab per window)."""
     from tqdm.auto import tqdm
 
     ids = ids.reshape(-1).long()
@@ -118,7 +120,15 @@ def evaluate_tokens(model, ids: torch.Tensor, base=None, protocol: str = "llama.
     for w in tqdm(ws, desc=f"eval ({protocol})", unit="window", disable=not progress):
         x = _window_ids(ids, w, bos_id)
         lp = _log_probs(model, x)
-        base_lp = _log_probs(base, x) if base is not None else None
+        base_lp = None
+        if base is not None:
+            key = (protocol, n_ctx, stride, w)
+            if base_cache is not None and key in base_cache:
+                base_lp = base_cache[key]
+            else:
+                base_lp = _log_probs(base, x)
+                if base_cache is not None:
+                    base_cache[key] = base_lp
         for k, v in token_stats(lp, ids, w, base_lp).items():
             acc.setdefault(k, []).append(v)
     cat = {k: torch.cat(v) for k, v in acc.items()}

@@ -1,0 +1,299 @@
+#!/usr/bin/env python3
+"""eoq against llama.cpp's k- and i-quants, on the same weights, tokens and windows.
+
+    python bench/compare.py --text WIKI.test.raw --calib CALIB.txt [--model dithered|gguf|HF_FOLDER]
+        [--parts whole,down] [--eoq-methods ecsq,absmax,polar,turbo] [--eoq-bits 2,3,4,5,6]
+        [--llama-types Q8_0,Q6_K,...] [--no-eoq] [--no-llamacpp] [--n-ctx 512] [--max-windows 16]
+        [--workdir DIR] [--json PATH] [--plot DIR]
+
+Models: ``dithered`` is SmolLM2-135M with continuous weights (eoq.testmodels.smollm2_dithered,
+the honest case); ``gguf`` is the original Q4_1 GGUF's weights (dequantized, saved as an HF
+folder: a grid that flatters block-32 codes); any other value is a local HF folder.
+
+Systems, each with and without calibration on the **same** ``--calib`` text:
+  * eoq: every method x bits; "calibrated" = activation statistics of the calib text
+    (importance + AWQ scales), collected once and shared by all eoq runs;
+  * llama.cpp (built from the sources vendored in llama-cpp-python==0.3.36, bench/llamacpp.py):
+    ``llama-quantize`` types from an F16 GGUF that the vendored convert_hf_to_gguf.py makes
+    from the same HF folder; "calibrated" = an imatrix from ``llama-imatrix`` on the calib text.
+
+Parts: (a) ``whole``: the model as each tool makes it (llama.cpp falls back to legacy types
+where rows are not a multiple of 256: all SmolLM2 tensors but ffn_down); bits/weight = GGUF
+file size or the eoq folder's total size (manifest and index included) over all parameters.
+(b) ``down``: only the down projections (width 1536, where every K/I type applies)
+quantized, everything else left in 16 bits (llama.cpp: F16 base type with
+``--tensor-type ffn_down=TYPE``; eoq: a protect rule keeping every other tensor as is);
+bits/weight over the down projections' weights alone. (b) is the fair per-bit comparison.
+
+Every model is evaluated by eoq's own harness (eoq.evaluate.evaluate_tokens): GGUFs through
+transformers' GGUF loader (dequantized to a plain model), eoq folders through
+``from_pretrained``; llama-perplexity protocol (windows of --n-ctx, BOS first, second half
+scored), the first --max-windows windows; KL divergence against the base model, whose
+log-probabilities are computed once and cached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import tempfile
+import time
+
+import torch
+
+DEFAULT_LLAMA_TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_K_S", "IQ4_XS", "Q3_K_M", "IQ3_S", "Q2_K",
+                       "Q5_1", "Q5_0", "Q4_1", "Q4_0", "IQ4_NL")
+# For part (b), one tensor type each: the type a K-quant mix gives ffn_down at that level.
+DOWN_TYPE = {"Q5_K_M": "Q5_K", "Q4_K_M": "Q4_K", "Q4_K_S": "Q4_K", "Q3_K_M": "Q3_K"}
+DOWN_REGEX = r"^(?!.*down_proj).*$"  # eoq part (b): every tensor but the down projections kept as is
+
+
+def base_folder(model: str, work: pathlib.Path) -> pathlib.Path:
+    from eoq import testmodels
+
+    if model == "dithered":
+        return testmodels.smollm2_dithered()
+    if model == "gguf":
+        out = work / "smollm2-gguf-hf"
+        if not (out / "config.json").is_file():
+            from eoq.sources import open_source
+            src = open_source(testmodels.smollm2_gguf())
+            src.load_model().save_pretrained(str(out))  # float32: the Q4_1 values exactly
+            src.tokenizer.save_pretrained(str(out))
+        return out
+    return pathlib.Path(model)
+
+
+def tokens(folder: pathlib.Path, text_path: str):
+    from transformers import AutoTokenizer
+
+    from eoq.evaluate import read_text
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    ids = tok(read_text(text_path), add_special_tokens=False)["input_ids"]
+    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    return torch.tensor([bos] + ids), bos, tok
+
+
+def down_bits_gguf(path: pathlib.Path) -> tuple[int, int]:
+    """(bytes, weights) of the ffn_down tensors of a GGUF file."""
+    from gguf import GGUFReader
+
+    r = GGUFReader(str(path))
+    nbytes = weights = 0
+    for t in r.tensors:
+        if "ffn_down" in t.name:
+            nbytes += int(t.n_bytes)
+            weights += int(t.n_elements)
+    return nbytes, weights
+
+
+def folder_bytes(folder: pathlib.Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+class Runner:
+    def __init__(self, args, work: pathlib.Path):
+        from eoq.evaluate import load_model
+
+        self.a, self.work = args, work
+        self.folder = base_folder(args.model, work)
+        self.base, _, _ = load_model(self.folder)
+        self.n_params = sum(p.numel() for p in self.base.parameters())  # tied ones once
+        self.ids, self.bos, self.tok = tokens(self.folder, args.text)
+        self.cache: dict = {}
+        self.rows: list[dict] = []
+        base = self.evaluate(self.base)
+        self.base_ppl = base["ppl"]
+        print(f"# base {self.folder}: PPL {self.base_ppl:.4f} over {base['tokens']} tokens ({base['windows']} windows)")
+
+    def evaluate(self, model) -> dict:
+        from eoq.evaluate import evaluate_tokens
+
+        return evaluate_tokens(model, self.ids, self.base, "llama.cpp", self.a.n_ctx, bos_id=self.bos,
+                               max_windows=self.a.max_windows, progress=False, base_cache=self.cache)
+
+    def record(self, system: str, setting: str, part: str, calibrated: bool, bpw: float, model, extra=None):
+        t0 = time.perf_counter()
+        r = self.evaluate(model)
+        row = {"system": system, "setting": setting, "part": part, "calibrated": calibrated, "bpw": bpw,
+               "ppl": r["ppl"], "ppl_stderr": r["ppl_stderr"], "dppl": r["ppl"] - self.base_ppl,
+               "kld": r["kld"]["mean"], "kld_p99": r["kld"]["p99"], "top1": r["same_top1"], "eval_s":
+               time.perf_counter() - t0, **(extra or {})}
+        self.rows.append(row)
+        print(f"  {system:<9} {setting:<16} {part:<5} {'cal' if calibrated else '   '} bpw {bpw:6.3f}  "
+              f"PPL {row['ppl']:8.4f}  KLD {row['kld']:.5f}  top1 {100 * row['top1']:5.1f} %", flush=True)
+
+    # ---- eoq ----------------------------------------------------------------------------
+
+    def eoq_stats(self):
+        from eoq import calibration as cal
+
+        path = self.work / "eoq-calib-stats.safetensors"
+        if not path.is_file():
+            seqs = cal.token_sequences(cal.load_text(self.a.calib), self.tok, self.a.calib_sequences, self.a.n_ctx)
+            cal.save_stats(cal.collect_stats(self.base, seqs, progress=False), path, source=self.a.calib)
+        return path
+
+    def run_eoq(self):
+        import eoq
+
+        stats = self.eoq_stats()
+        for part in self.a.parts:
+            for method in self.a.eoq_methods:
+                for bits in self.a.eoq_bits:
+                    if method != "ecsq" and bits != int(bits):
+                        continue
+                    for calibrated in (False, True):
+                        protect = [eoq.ProtectRule(DOWN_REGEX, regex=True)] if part == "down" else []
+                        cfg = eoq.QuantConfig(method=method, bits=bits, calibration=self.a.calib if calibrated else None,
+                                              awq=calibrated, protect=protect)
+                        out = self.work / f"eoq-{part}-{method}-{bits}-{'cal' if calibrated else 'nocal'}"
+                        t0 = time.perf_counter()
+                        m = eoq.quantize_model(self.folder, out, cfg, stats=stats if calibrated else None,
+                                               overwrite=True, progress=False, verbose=False)
+                        conv = time.perf_counter() - t0
+                        if part == "whole":
+                            bpw = 8 * folder_bytes(out) / self.n_params
+                        else:
+                            down = [e for n, e in m["tensors"].items() if "down_proj" in n and e["kind"] == "quantized"]
+                            bpw = 8 * sum(e["stored_bytes"] for e in down) / sum(e["shape"][0] * e["shape"][1]
+                                                                                 for e in down)
+                        model, _ = eoq.load_quantized(out, dtype=torch.float32)
+                        self.record("eoq", f"{method} {bits}", part, calibrated, bpw, model, {"convert_s": conv})
+
+    # ---- llama.cpp ----------------------------------------------------------------------
+
+    def run_llamacpp(self):
+        import llamacpp
+        from eoq.evaluate import load_model
+
+        llamacpp.ensure_tools(self.a.cache)
+        f16 = self.work / "llama-f16.gguf"
+        if not f16.is_file():
+            llamacpp.convert_hf_to_gguf(self.folder, f16, "f16")
+        imat = self.work / "llama-imatrix.gguf"
+        if not imat.is_file():
+            llamacpp.imatrix(f16, self.a.calib, imat, n_ctx=self.a.n_ctx, chunks=self.a.calib_sequences)
+        for part in self.a.parts:
+            for qtype in self.a.llama_types:
+                for calibrated in (False, True):
+                    out = self.work / f"llama-{part}-{qtype}-{'imat' if calibrated else 'noimat'}.gguf"
+                    try:
+                        if part == "whole":
+                            llamacpp.quantize(f16, out, qtype, imatrix=imat if calibrated else None)
+                            bpw = 8 * out.stat().st_size / self.n_params
+                        else:
+                            dtype = DOWN_TYPE.get(qtype, qtype)
+                            llamacpp.quantize(f16, out, "F16", imatrix=imat if calibrated else None,
+                                              tensor_types={"ffn_down": dtype})
+                            nbytes, weights = down_bits_gguf(out)
+                            bpw = 8 * nbytes / weights
+                        model, _, _ = load_model(out)
+                    except Exception as e:  # a type llama-quantize or transformers' GGUF loader refuses
+                        print(f"  llama.cpp {qtype} {part}: skipped ({type(e).__name__}: {str(e)[:200]})")
+                        self.rows.append({"system": "llama.cpp", "setting": qtype, "part": part,
+                                          "calibrated": calibrated, "error": f"{type(e).__name__}: {e}"})
+                        continue
+                    self.record("llama.cpp", qtype, part, calibrated, bpw, model)
+                    out.unlink()  # GGUFs are re-made in seconds; keep the disk small
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| system | setting | part | calibration | bits/weight | PPL | ΔPPL | mean KLD | KLD p99 | top-1 % |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted((r for r in rows if "error" not in r), key=lambda r: (r["part"], r["system"], r["bpw"])):
+        lines.append(f"| {r['system']} | {r['setting']} | {r['part']} | {'yes' if r['calibrated'] else 'no'} | "
+                     f"{r['bpw']:.3f} | {r['ppl']:.4f} | {r['dppl']:+.4f} | {r['kld']:.5f} | {r['kld_p99']:.4f} | "
+                     f"{100 * r['top1']:.2f} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], out_dir: pathlib.Path) -> list[pathlib.Path]:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("# matplotlib is not installed: no plots (pip install matplotlib)")
+        return []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for part in sorted({r["part"] for r in rows}):
+        fig, ax = plt.subplots(figsize=(8, 5.5))
+        groups: dict = {}
+        for r in rows:
+            if r["part"] == part and "error" not in r:
+                label = f"{r['system']} {r['setting'].split()[0] if r['system'] == 'eoq' else ''}" \
+                        f"{' (calibrated)' if r['calibrated'] else ''}".replace("  ", " ")
+                groups.setdefault(label, []).append((r["bpw"], r["kld"]))
+        for label, pts in sorted(groups.items()):
+            pts.sort()
+            style = "o-" if label.startswith("eoq") else "s--"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label, markersize=4)
+        ax.set_yscale("log")
+        ax.set_xlabel("bits/weight")
+        ax.set_ylabel("mean KL divergence to the base (log)")
+        ax.set_title(f"SmolLM2-135M, part: {part}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+        path = out_dir / f"pareto-{part}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="dithered")
+    ap.add_argument("--text", required=True, help="evaluation text (file or datasets name)")
+    ap.add_argument("--calib", required=True, help="calibration text file, shared by eoq and llama-imatrix")
+    ap.add_argument("--parts", default="whole,down")
+    ap.add_argument("--eoq-methods", default="ecsq,absmax,polar,turbo")
+    ap.add_argument("--eoq-bits", default="2,3,4,5,6")
+    ap.add_argument("--llama-types", default=",".join(DEFAULT_LLAMA_TYPES))
+    ap.add_argument("--no-eoq", action="store_true")
+    ap.add_argument("--no-llamacpp", action="store_true")
+    ap.add_argument("--n-ctx", type=int, default=512)
+    ap.add_argument("--max-windows", type=int, default=16)
+    ap.add_argument("--calib-sequences", type=int, default=32, help="calibration windows (eoq) = imatrix chunks")
+    ap.add_argument("--cache", default=None, help="where llama.cpp is built (default: the eoq cache)")
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--json", help="write all rows as JSON")
+    ap.add_argument("--plot", help="write Pareto plots (PNG) into this folder")
+    ap.add_argument("--threads", type=int)
+    a = ap.parse_args(argv)
+    a.parts = a.parts.split(",")
+    a.eoq_methods = a.eoq_methods.split(",")
+    a.eoq_bits = [float(b) if "." in b else int(b) for b in a.eoq_bits.split(",")]
+    a.llama_types = [t for t in a.llama_types.split(",") if t]
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+    work = pathlib.Path(a.workdir or tempfile.mkdtemp(prefix="eoq-compare-"))
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    runner = Runner(a, work)
+    if not a.no_eoq:
+        runner.run_eoq()
+    if not a.no_llamacpp:
+        runner.run_llamacpp()
+    print(f"\n# compare: model {a.model}, text {a.text}, calib {a.calib}, n_ctx {a.n_ctx}, "
+          f"{a.max_windows} windows, torch {torch.__version__}, {time.perf_counter() - t0:.0f} s\n")
+    print(table(runner.rows))
+    if a.plot:
+        for p in plot(runner.rows, pathlib.Path(a.plot)):
+            print(f"wrote {p}")
+    if a.json:
+        pathlib.Path(a.json).write_text(json.dumps({"args": {k: v for k, v in vars(a).items()},
+                                                    "base_ppl": runner.base_ppl, "rows": runner.rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
