@@ -58,9 +58,7 @@ def _storage(manifest: dict, top: int = 8) -> str:
         if e["kind"] == "tied":
             continue
         key = (e["kind"], e.get("method", "-"), e.get("reason") or e.get("rule") or "")
-        n = 1
-        for s in e["shape"]:
-            n *= s
+        n = repo.entry_numel(e)
         acc = rows.setdefault(key, [0, 0, 0])
         acc[0] += 1
         acc[1] += n

@@ -81,6 +81,12 @@ def plan(source: Source, config: QuantConfig, name: str, t: torch.Tensor) -> dic
             "block_size": config.block_size, "options": dict(config.options)}
 
 
+def stored_dtype(source: Source, config: QuantConfig) -> Optional[torch.dtype]:
+    """The dtype floating tensors are stored / dequantized in: the config's, else the source's
+    (a GGUF's bfloat16), else None (as they are)."""
+    return getattr(torch, config.dtype) if config.dtype else source.out_dtype
+
+
 def importance_for(source: Source, stats: Optional[dict], name: str) -> Optional[torch.Tensor]:
     """E[a^2] of the inputs of the module owning `name` (for a tied embedding: of the head)."""
     if not stats:
@@ -95,7 +101,7 @@ def importance_for(source: Source, stats: Optional[dict], name: str) -> Optional
 
 def quantize_one(source: Source, config: QuantConfig, name: str, t: torch.Tensor, p: dict,
                  stats: Optional[dict]) -> tuple[dict, dict[str, torch.Tensor]]:
-    out_dtype = getattr(torch, config.dtype) if config.dtype else source.out_dtype
+    out_dtype = stored_dtype(source, config)
     if out_dtype is not None and t.is_floating_point():
         t_out = t.to(out_dtype)
     else:
@@ -269,11 +275,9 @@ def totals(entries: dict, stored_total: int) -> dict:
         counts[e["kind"]] = counts.get(e["kind"], 0) + 1
         if e["kind"] == "tied":
             continue
-        n = 1
-        for s in e["shape"]:
-            n *= s
+        n = repo.entry_numel(e)
         all_params += n
-        original += n * torch.empty(0, dtype=repo.dtype_from_name(e["dtype"], "total")).element_size()
+        original += n * repo.entry_itemsize(e)
         if repo.is_quantized(e):
             quantized_params += n
             quantized_bytes += e["stored_bytes"]
@@ -365,7 +369,7 @@ def quantize_model(model_or_path, out_dir: Union[str, os.PathLike], config: Opti
         t = source.get(name)
         p = plan(source, config, name, t)
         if p["action"] == "tied":
-            want = getattr(torch, config.dtype) if config.dtype else source.out_dtype
+            want = stored_dtype(source, config)
             dt = want if want is not None and t.is_floating_point() else t.dtype
             entry, tensors = {"kind": "tied", "tied_to": p["tied_to"], "shape": list(t.shape),
                               "dtype": repo.dtype_name(dt), "stored_bytes": 0}, {}
@@ -421,13 +425,11 @@ def summary_table(manifest: dict, top: int = 0) -> str:
         if e["kind"] == "tied":
             continue
         key = (e["kind"], e.get("method", "-"), str(e.get("bits", "-")))
-        n = 1
-        for s in e["shape"]:
-            n *= s
+        n = repo.entry_numel(e)
         acc = rows.setdefault(key, [0, 0, 0, 0])
         acc[0] += 1
         acc[1] += n
-        acc[2] += n * torch.empty(0, dtype=repo.dtype_from_name(e["dtype"], "table")).element_size()
+        acc[2] += n * repo.entry_itemsize(e)
         acc[3] += e["stored_bytes"]
     lines = [f"{'kind':<12} {'method':<7} {'bits':>5} {'tensors':>8} {'params':>12} {'original MB':>12} "
              f"{'stored MB':>10} {'bits/w':>7}"]

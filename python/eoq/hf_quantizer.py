@@ -117,9 +117,6 @@ class EoqHfQuantizer(HfQuantizer):
             extra.append(WeightConverter(re.escape(marker) + "$", marker, [EoqDequantize(self)]))
         return list(weight_conversions) + extra + self.get_weight_conversions()
 
-    def _process_model_after_weight_loading(self, model, **kwargs):
-        return model
-
     def is_serializable(self):
         return False
 

@@ -10,6 +10,7 @@ dtype the manifest promises have been verified.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import zlib
@@ -43,6 +44,14 @@ def dtype_from_name(name: str, where: str) -> torch.dtype:
     if not isinstance(dt, torch.dtype):
         raise FormatError(f"{where}: unknown dtype {name!r}")
     return dt
+
+
+def entry_numel(entry: dict) -> int:
+    return math.prod(entry["shape"])
+
+
+def entry_itemsize(entry: dict) -> int:
+    return torch.empty(0, dtype=dtype_from_name(entry["dtype"], "entry")).element_size()
 
 
 def tensor_bytes(t: torch.Tensor) -> bytes:
@@ -184,9 +193,7 @@ def verify(name: str, entry: dict, parts: dict[str, torch.Tensor]) -> None:
 
 def decode_codes(name: str, entry: dict, stream: torch.Tensor) -> torch.Tensor:
     shape = [int(s) for s in entry["code_shape"]]
-    n = 1
-    for s in shape:
-        n *= s
+    n = math.prod(shape)
     try:
         if entry["codec"] == "rans":
             codes = ops.rans_decode(stream)

@@ -122,11 +122,11 @@ class ModelSource(Source):
 class FolderSource(Source):
     """A local HF folder with safetensors weights (one file or shards with an index)."""
 
-    def __init__(self, folder, kind: str = "hf-folder", name: Optional[str] = None, dtype=None):
+    def __init__(self, folder, kind: str = "hf-folder", name: Optional[str] = None):
         from transformers import AutoConfig, AutoTokenizer
 
         self.folder = pathlib.Path(folder)
-        self.kind, self.name, self.dtype = kind, name or str(folder), dtype
+        self.kind, self.name = kind, name or str(folder)
         if not (self.folder / "config.json").is_file():
             raise FileNotFoundError(f"{self.folder}: no config.json; not a Hugging Face model folder")
         self.config = _clean_config(AutoConfig.from_pretrained(str(self.folder)))
@@ -226,7 +226,15 @@ def _clean_config(config):
 
 
 def open_source(model_or_path, gguf_file: Optional[str] = None, tokenizer=None, dtype=None) -> Source:
-    """A Source for a PreTrainedModel, a local folder, a .gguf path, or a hub id."""
+    """A Source for a PreTrainedModel, a local folder, a .gguf path, or a hub id. ``dtype``
+    (any source) stores floating tensors in that dtype; a GGUF defaults to bfloat16."""
+    source = _open(model_or_path, gguf_file, tokenizer)
+    if dtype is not None:
+        source.out_dtype = dtype
+    return source
+
+
+def _open(model_or_path, gguf_file, tokenizer) -> Source:
     import transformers
 
     if isinstance(model_or_path, transformers.PreTrainedModel):
@@ -236,17 +244,17 @@ def open_source(model_or_path, gguf_file: Optional[str] = None, tokenizer=None, 
         gguf = path if path.suffix == ".gguf" else path / gguf_file
         if not gguf.is_file():
             raise FileNotFoundError(f"GGUF file {gguf} does not exist")
-        return _gguf_source(gguf, dtype)
+        return _gguf_source(gguf)
     if path.is_dir():
-        return FolderSource(path, dtype=dtype)
+        return FolderSource(path)
     if path.exists():
         raise ValueError(f"{path}: expected a model folder, a .gguf file or a hub id")
-    return _hub_source(str(model_or_path), dtype)
+    return _hub_source(str(model_or_path))
 
 
-def _gguf_source(gguf: pathlib.Path, dtype) -> ModelSource:
+def _gguf_source(gguf: pathlib.Path) -> ModelSource:
     """Loaded in float32 (exact for GGUF's grids, and fast for calibration on a CPU); stored in
-    ``dtype``, bfloat16 by default."""
+    bfloat16 unless a dtype is asked for."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -267,11 +275,11 @@ def _gguf_source(gguf: pathlib.Path, dtype) -> ModelSource:
     plain.eval()
     del model
     source = ModelSource(plain, tok, kind="gguf", name=str(gguf))
-    source.out_dtype = dtype or torch.bfloat16
+    source.out_dtype = torch.bfloat16
     return source
 
 
-def _hub_source(repo_id: str, dtype) -> FolderSource:
+def _hub_source(repo_id: str) -> FolderSource:
     if repo_id.count("/") != 1 or repo_id.startswith((".", "/")):
         raise FileNotFoundError(f"{repo_id}: no such folder or file, and not a hub id (owner/name)")
     from huggingface_hub import snapshot_download
@@ -282,4 +290,4 @@ def _hub_source(repo_id: str, dtype) -> FolderSource:
     except Exception as e:
         raise RuntimeError(f"could not fetch {repo_id!r} from the Hugging Face hub (offline? pass a local folder "
                            f"or a .gguf file instead): {type(e).__name__}: {e}") from e
-    return FolderSource(folder, kind="hub", name=repo_id, dtype=dtype)
+    return FolderSource(folder, kind="hub", name=repo_id)
