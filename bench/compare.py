@@ -36,11 +36,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import pathlib
+import shutil
 import sys
 import tempfile
 import time
+from typing import Optional
 
 import torch
 
@@ -124,8 +127,16 @@ class Runner:
                "kld": r["kld"]["mean"], "kld_p99": r["kld"]["p99"], "top1": r["same_top1"], "eval_s":
                time.perf_counter() - t0, **(extra or {})}
         self.rows.append(row)
+        self.save()
         print(f"  {system:<9} {setting:<16} {part:<5} {'cal' if calibrated else '   '} bpw {bpw:6.3f}  "
               f"PPL {row['ppl']:8.4f}  KLD {row['kld']:.5f}  top1 {100 * row['top1']:5.1f} %", flush=True)
+
+    def save(self):
+        """Rewrite the JSON after every row: a long run that dies keeps what it measured."""
+        if self.a.json:
+            pathlib.Path(self.a.json).write_text(json.dumps(
+                {"args": vars(self.a), "model": str(self.folder), "base_ppl": getattr(self, "base_ppl", None),
+                 "rows": self.rows}, indent=2, default=str))
 
     # ---- eoq ----------------------------------------------------------------------------
 
@@ -164,6 +175,7 @@ class Runner:
                                                                                  for e in down)
                         model, _ = eoq.load_quantized(out, dtype=torch.float32)
                         self.record("eoq", f"{method} {bits}", part, calibrated, bpw, model, {"convert_s": conv})
+                        shutil.rmtree(out)  # re-made in seconds; a full grid would fill the disk
 
     # ---- llama.cpp ----------------------------------------------------------------------
 
@@ -177,19 +189,25 @@ class Runner:
             llamacpp.convert_hf_to_gguf(self.folder, f16, "f16")
         imat = self.work / "llama-imatrix.gguf"
         if not imat.is_file():
-            llamacpp.imatrix(f16, self.a.calib, imat, n_ctx=self.a.n_ctx, chunks=self.a.calib_sequences)
+            llamacpp.imatrix(f16, self.a.calib, imat, n_ctx=self.a.n_ctx, chunks=self.a.calib_sequences,
+                             threads=self.a.threads)
         for part in self.a.parts:
+            done = set()
             for qtype in self.a.llama_types:
+                if part == "down":
+                    qtype = DOWN_TYPE.get(qtype, qtype)  # Q4_K_M and Q4_K_S both give ffn_down Q4_K
+                if qtype in done:
+                    continue
+                done.add(qtype)
                 for calibrated in (False, True):
                     out = self.work / f"llama-{part}-{qtype}-{'imat' if calibrated else 'noimat'}.gguf"
                     try:
                         if part == "whole":
-                            llamacpp.quantize(f16, out, qtype, imatrix=imat if calibrated else None)
+                            llamacpp.quantize(f16, out, qtype, imatrix=imat if calibrated else None, threads=self.a.threads)
                             bpw = 8 * out.stat().st_size / self.n_params
                         else:
-                            dtype = DOWN_TYPE.get(qtype, qtype)
                             llamacpp.quantize(f16, out, "F16", imatrix=imat if calibrated else None,
-                                              tensor_types={"ffn_down": dtype})
+                                              tensor_types={"ffn_down": qtype}, threads=self.a.threads)
                             nbytes, weights = down_bits_gguf(out)
                             bpw = 8 * nbytes / weights
                         model, _, _ = load_model(out)
@@ -212,7 +230,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], out_dir: pathlib.Path) -> list[pathlib.Path]:
+def plot(rows: list[dict], out_dir: pathlib.Path, model: str = "dithered") -> list[pathlib.Path]:
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -232,20 +250,75 @@ def plot(rows: list[dict], out_dir: pathlib.Path) -> list[pathlib.Path]:
                 groups.setdefault(label, []).append((r["bpw"], r["kld"]))
         for label, pts in sorted(groups.items()):
             pts.sort()
-            style = "o-" if label.startswith("eoq") else "s--"
+            # eoq settings form a curve; llama.cpp types are separate formats: markers, not a line
+            style = "o-" if label.startswith("eoq") else ("s" if "calibrated" in label else "x")
             ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label, markersize=4)
+        for r in rows:
+            if r["part"] == part and r["system"] == "llama.cpp" and r["calibrated"] and "error" not in r:
+                ax.annotate(r["setting"], (r["bpw"], r["kld"]), fontsize=6, xytext=(3, 3),
+                            textcoords="offset points")
         ax.set_yscale("log")
         ax.set_xlabel("bits/weight")
         ax.set_ylabel("mean KL divergence to the base (log)")
-        ax.set_title(f"SmolLM2-135M, part: {part}")
+        ax.set_title(f"SmolLM2-135M ({model}), part: {part}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-        path = out_dir / f"pareto-{part}.png"
+        path = out_dir / f"pareto-{model}-{part}.png"
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def interp_log(xs: list[float], ys: list[float], x: float) -> Optional[float]:
+    """y at x on the piecewise-linear curve of log(y) over x (None outside the measured range)."""
+    for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
+        if x0 <= x <= x1:
+            t = (x - x0) / (x1 - x0) if x1 > x0 else 0.0
+            return math.exp((1 - t) * math.log(y0) + t * math.log(y1))
+    return None
+
+
+def verdict(rows: list[dict], part: str = "down", method: str = "ecsq") -> str:
+    """eoq (calibrated ``method``) against each llama.cpp type (imatrix) at the type's bits/weight.
+
+    eoq's KLD at a llama.cpp type's bits/weight is read off eoq's measured curve (log-linear
+    between neighbouring settings), and the bits/weight at which eoq reaches Q4_K's KLD is read
+    off the inverse curve; both are interpolations between measured points, said as such."""
+    curve = sorted((r["bpw"], r["kld"]) for r in rows if r["part"] == part and r["system"] == "eoq"
+                   and r["calibrated"] and r["setting"].split()[0] == method and "error" not in r)
+    peers = sorted((r for r in rows if r["part"] == part and r["system"] == "llama.cpp" and r["calibrated"]
+                    and "error" not in r), key=lambda r: r["bpw"])
+    if len(curve) < 2 or not peers:
+        return ""
+    xs, ys = [c[0] for c in curve], [c[1] for c in curve]
+    lines = [f"| llama.cpp type (imatrix) | bits/weight | its mean KLD | eoq {method} (calibrated) KLD at that bits/weight"
+             " | ratio (llama.cpp / eoq) |", "|---|---:|---:|---:|---:|"]
+    seen = set()
+    for r in peers:
+        key = (round(r["bpw"], 4), round(r["kld"], 6))  # Q4_K_M and Q4_K_S are one type in part (b)
+        if key in seen:
+            continue
+        seen.add(key)
+        e = interp_log(xs, ys, r["bpw"])
+        lines.append(f"| {r['setting']} | {r['bpw']:.3f} | {r['kld']:.5f} | "
+                     + (f"{e:.5f} | {r['kld'] / e:.2f}x |" if e else "outside eoq's range | |"))
+    q4k = [r for r in peers if r["setting"] in ("Q4_K_M", "Q4_K_S", "Q4_K")]
+    if q4k:
+        target = q4k[0]["kld"]
+        # inverse: KLD falls with bits, so interpolate bits over -log(KLD)
+        b = None
+        for (x0, y0), (x1, y1) in zip(curve, curve[1:]):
+            if min(y0, y1) <= target <= max(y0, y1) and y0 != y1:
+                t = (math.log(target) - math.log(y0)) / (math.log(y1) - math.log(y0))
+                b = x0 + t * (x1 - x0)
+                break
+        lines.append("")
+        lines.append(f"Q4_K (imatrix) in part ({part}): {q4k[0]['bpw']:.3f} bits/weight, mean KLD {target:.5f}; "
+                     + (f"eoq {method} (calibrated) reaches that KLD at {b:.2f} bits/weight." if b else
+                        f"eoq {method}'s measured range does not reach it."))
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -267,7 +340,10 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write all rows as JSON")
     ap.add_argument("--plot", help="write Pareto plots (PNG) into this folder")
     ap.add_argument("--threads", type=int)
+    ap.add_argument("--from-json", help="print the table, verdict and plots of an earlier run's JSON; run nothing")
     a = ap.parse_args(argv)
+    if a.from_json:
+        return report(json.loads(pathlib.Path(a.from_json).read_text()), a.plot)
     a.parts = a.parts.split(",")
     a.eoq_methods = a.eoq_methods.split(",")
     a.eoq_bits = [float(b) if "." in b else int(b) for b in a.eoq_bits.split(",")]
@@ -285,13 +361,23 @@ def main(argv=None) -> int:
         runner.run_llamacpp()
     print(f"\n# compare: model {a.model}, text {a.text}, calib {a.calib}, n_ctx {a.n_ctx}, "
           f"{a.max_windows} windows, torch {torch.__version__}, {time.perf_counter() - t0:.0f} s\n")
-    print(table(runner.rows))
-    if a.plot:
-        for p in plot(runner.rows, pathlib.Path(a.plot)):
+    runner.save()
+    return report({"args": vars(a), "rows": runner.rows}, a.plot)
+
+
+def report(run: dict, plot_dir: Optional[str]) -> int:
+    rows, model = run["rows"], pathlib.Path(run["args"]["model"]).name
+    for r in rows:  # older runs named part (b)'s types after the mix (Q4_K_M); it is one type there
+        if r["system"] == "llama.cpp" and r["part"] == "down":
+            r["setting"] = DOWN_TYPE.get(r["setting"], r["setting"])
+    print(table(rows))
+    for part in ("down", "whole"):
+        v = verdict(rows, part)
+        if v:
+            print(f"\n## part {part}: eoq against llama.cpp at equal bits/weight\n\n{v}")
+    if plot_dir:
+        for p in plot(rows, pathlib.Path(plot_dir), model):
             print(f"wrote {p}")
-    if a.json:
-        pathlib.Path(a.json).write_text(json.dumps({"args": {k: v for k, v in vars(a).items()},
-                                                    "base_ppl": runner.base_ppl, "rows": runner.rows}, indent=2))
     return 0
 
 

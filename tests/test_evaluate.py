@@ -105,3 +105,89 @@ def test_bad_arguments(model, ids):
         evaluate_tokens(model, ids, protocol="llama.cpp", n_ctx=32, progress=False)
     with pytest.raises(ValueError, match="no window"):
         evaluate_tokens(model, ids[:10], protocol="llama.cpp", n_ctx=32, bos_id=1, progress=False)
+
+
+def test_resolve_device():
+    from eoq.evaluate import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+def test_cuda_evaluation_matches_cpu(model, ids):
+    """The same windows on the GPU: NLL and KL statistics agree with the CPU's to float32
+    accuracy; a base on the CPU (its cached log-probabilities) works with a model on the GPU."""
+    noisy = copy.deepcopy(model)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        for p in noisy.parameters():
+            if p.dim() == 2:
+                p.add_(torch.randn(p.shape, generator=g) * p.std() * 0.3)
+    cpu = evaluate_tokens(noisy, ids, base=model, protocol="llama.cpp", n_ctx=32, bos_id=1, progress=False)
+    gpu_model = copy.deepcopy(noisy).cuda()
+    gpu = evaluate_tokens(gpu_model, ids, base=copy.deepcopy(model).cuda(), protocol="llama.cpp", n_ctx=32,
+                          bos_id=1, progress=False)
+    mixed = evaluate_tokens(gpu_model, ids, base=model, protocol="llama.cpp", n_ctx=32, bos_id=1, progress=False)
+    for r in (gpu, mixed):
+        assert r["tokens"] == cpu["tokens"]
+        assert r["nll"] == pytest.approx(cpu["nll"], rel=1e-4)
+        assert r["kld"]["mean"] == pytest.approx(cpu["kld"]["mean"], rel=1e-3, abs=1e-6)
+        assert r["same_top1"] == pytest.approx(cpu["same_top1"], abs=2 / cpu["tokens"])
+
+
+@cuda
+def test_load_quantized_on_cuda_is_bit_identical(tmp_path):
+    import eoq
+    from eoq.evaluate import load_model
+
+    from tinymodels import save
+
+    out = tmp_path / "q"
+    eoq.quantize_model(save("llama", tmp_path / "src"), out, eoq.QuantConfig(calibration=None, awq=False),
+                       progress=False, verbose=False)
+    on_cpu, _ = eoq.load_quantized(out, dtype=torch.float32)
+    on_gpu, _, desc = load_model(out, torch.float32, "cuda")
+    assert desc["kind"] == "eoq" and next(on_gpu.parameters()).is_cuda
+    for (n, a), (_, b) in zip(on_cpu.state_dict().items(), on_gpu.state_dict().items()):
+        assert torch.equal(a, b.cpu()), n
+
+
+def test_a_folder_without_a_tokenizer_is_named(tmp_path):
+    from eoq.evaluate import evaluate
+
+    from tinymodels import save
+
+    text = tmp_path / "t.txt"
+    text.write_text("some words " * 50)
+    with pytest.raises(ValueError, match="src comes without a tokenizer"):
+        evaluate(save("llama", tmp_path / "src"), str(text), device="cpu", samples=False)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
+def test_evaluate_a_converted_tiny_model(tmp_path, device):
+    """eoq.evaluate end to end on a device: both models load there, the summary, the samples
+    and the JSON files come out, and the KL divergence of a 3-bit copy is positive."""
+    import json
+
+    import eoq
+    from eoq.evaluate import evaluate
+
+    from tinymodels import TEXT, save, tokenizer
+
+    src = tokenizer(save("llama", tmp_path / "src"))
+    out = tmp_path / "q"
+    eoq.quantize_model(src, out, eoq.QuantConfig(bits=3, calibration=None, awq=False), progress=False,
+                       verbose=False)
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT * 8)
+    s = evaluate(out, str(text), base=src, n_ctx=32, out_dir=out, max_new_tokens=6, progress=False, device=device)
+    assert s["device"].startswith(device) and s["model"]["kind"] == "eoq" and s["base"]["kind"] == "hf-folder"
+    r = s["result"]
+    assert r["windows"] >= 4 and r["kld"]["mean"] > 0 and 0 <= r["same_top1"] <= 1
+    assert json.loads((out / "eval_summary.json").read_text())["result"]["tokens"] == r["tokens"]
+    rows = json.loads((out / "sample_generations.json").read_text())
+    assert len(rows) == 4 and all({"prompt", "model", "base"} <= set(row) for row in rows)

@@ -44,3 +44,24 @@ def save(arch: str, folder: pathlib.Path, seed: int = 0) -> pathlib.Path:
     model = build(arch, seed)
     model.save_pretrained(str(folder))
     return folder
+
+
+TEXT = ("The quick brown fox jumps over the lazy dog. A tiny model reads a tiny text, "
+        "and a byte-level tokenizer learns its pieces. ") * 4
+
+
+def tokenizer(folder: pathlib.Path, vocab_size: int = 300) -> pathlib.Path:
+    """Train a byte-level BPE tokenizer (ids below vocab_size; <s> = 1, </s> = 2, as the tiny
+    configs say) and save it into folder: evaluation and generation need one, offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([TEXT], trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(str(folder))
+    return folder

@@ -130,6 +130,9 @@ def eval_parser(sub) -> None:
     p.add_argument("--max-windows", type=int, help="evaluate at most N windows (quick runs)")
     p.add_argument("--out", help="write eval_summary.json and sample_generations.json here")
     p.add_argument("--no-samples", action="store_true", help="skip the sample generations")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: the GPU when there is one)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="compute dtype of both models (float32 keeps the KL divergence exact)")
     p.add_argument("--threads", type=int)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_eval)
@@ -144,7 +147,7 @@ def run_eval(a) -> int:
         torch.set_num_threads(a.threads)
     summary = evaluate(a.model, a.text, base=a.base, protocol=a.protocol, n_ctx=a.n_ctx, stride=a.stride,
                        max_windows=a.max_windows, out_dir=a.out, samples=not a.no_samples,
-                       progress=not a.no_progress)
+                       progress=not a.no_progress, device=a.device, dtype=getattr(torch, a.dtype))
     print(format_result(summary))
     import pathlib
     if a.out and pathlib.Path(a.out).resolve() == pathlib.Path(a.model).resolve() and \

@@ -64,9 +64,22 @@ def windows(n_tokens: int, protocol: str = "llama.cpp", n_ctx: int = 512, stride
             break
 
 
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def resolve_device(device=None) -> torch.device:
+    """None / "auto": the GPU when torch sees one, else the CPU."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 @torch.no_grad()
 def _log_probs(model, ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=ids.reshape(1, -1)).logits[0].float().log_softmax(-1)
+    """[len, vocab] float32 log-probabilities, on the model's device."""
+    ids = ids.reshape(1, -1).to(model_device(model))
+    return model(input_ids=ids).logits[0].float().log_softmax(-1)
 
 
 def _window_ids(ids: torch.Tensor, w: Window, bos_id: Optional[int]) -> torch.Tensor:
@@ -79,17 +92,19 @@ def _window_ids(ids: torch.Tensor, w: Window, bos_id: Optional[int]) -> torch.Te
 
 
 def token_stats(lp: torch.Tensor, ids: torch.Tensor, w: Window, base_lp: Optional[torch.Tensor] = None) -> dict:
-    """Per scored token: NLL, and against a base: KL(base || model), top-1 agreement, p(correct)."""
-    pos = torch.arange(w.first, w.end - w.start - 1)
-    target = ids[w.start + pos + 1]
+    """Per scored token (CPU tensors): NLL, and against a base: KL(base || model), top-1
+    agreement, p(correct). Computed on lp's device; only a few floats per token come back."""
+    dev = lp.device
+    pos = torch.arange(w.first, w.end - w.start - 1, device=dev)
+    target = ids[w.start + w.first + 1:w.end].to(dev)
     out = {"nll": -lp[pos, target].double()}
     if base_lp is not None:
-        b, q = base_lp[pos], lp[pos]
+        b, q = base_lp.to(dev)[pos], lp[pos]
         out["kld"] = (b.exp() * (b - q)).sum(-1).double().clamp_min(0)
         out["same_top1"] = (b.argmax(-1) == q.argmax(-1))
         out["dp"] = (q[torch.arange(len(pos)), target].exp() - b[torch.arange(len(pos)), target].exp()).double()
         out["base_nll"] = -b[torch.arange(len(pos)), target].double()
-    return out
+    return {k: v.cpu() for k, v in out.items()}
 
 
 def _ppl(nll: torch.Tensor) -> dict:
@@ -152,14 +167,13 @@ PROMPTS = ("What is the capital of France?", "Write a Python function that check
            "Give three tips for staying healthy.", "Once upon a time, in a small village by the sea,")
 
 
-def load_model(model_or_path, dtype=torch.float32):
+def load_model(model_or_path, dtype=torch.float32, device="cpu"):
     """(model, tokenizer, description) for an eoq folder, a plain HF folder, a .gguf file or a
-    PreTrainedModel (whose tokenizer must then be given separately)."""
+    PreTrainedModel (whose tokenizer must then be given separately; it stays where it is)."""
     import os
     import pathlib
 
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if isinstance(model_or_path, transformers.PreTrainedModel):
         return model_or_path.eval(), None, {"kind": "model", "name": type(model_or_path).__name__}
@@ -167,15 +181,26 @@ def load_model(model_or_path, dtype=torch.float32):
     if path.suffix == ".gguf":
         from .sources import open_source
         source = open_source(path)  # dequantized into a plain model: transformers' GGUF matmuls are slow
-        return source.load_model().to(dtype).eval(), source.tokenizer, {"kind": "gguf", "name": str(path)}
+        return source.load_model().to(device=device, dtype=dtype).eval(), source.tokenizer, \
+            {"kind": "gguf", "name": str(path)}
     if (path / "quant_manifest.json").is_file():
         from .loading import load_quantized
-        model, _ = load_quantized(path, dtype=dtype)
-        return model, AutoTokenizer.from_pretrained(str(path)), {"kind": "eoq", "name": str(path)}
+        model, _ = load_quantized(path, dtype=dtype, device=device)
+        return model, _tokenizer(path), {"kind": "eoq", "name": str(path)}
     from .sources import model_class
     config = transformers.AutoConfig.from_pretrained(str(path))
-    model = model_class(config).from_pretrained(str(path), dtype=dtype).eval()
-    return model, AutoTokenizer.from_pretrained(str(path)), {"kind": "hf-folder", "name": str(path)}
+    model = model_class(config).from_pretrained(str(path), dtype=dtype).to(device).eval()
+    return model, _tokenizer(path), {"kind": "hf-folder", "name": str(path)}
+
+
+def _tokenizer(folder):
+    """The folder's tokenizer, or None when it has none (evaluate then asks for tokenizer=)."""
+    from transformers import AutoTokenizer
+
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                                                "vocab.txt", "vocab.json")):
+        return None
+    return AutoTokenizer.from_pretrained(str(folder))
 
 
 def read_text(source: str) -> str:
@@ -221,6 +246,7 @@ def generations(model, tokenizer, prompts=PROMPTS, max_new_tokens: int = 48) -> 
                                                 return_tensors="pt", return_dict=True)
         else:
             enc = tokenizer(prompt, return_tensors="pt")
+        enc = {k: v.to(model_device(model)) for k, v in enc.items()}
         ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
         out.append(tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
     return out
@@ -252,10 +278,11 @@ def evaluate_encoder(model, base, tokenizer, sentences: list[str]) -> dict:
 
 def evaluate(model_or_path, text: str, base=None, protocol: str = "llama.cpp", n_ctx: int = 512, stride: int = 256,
              max_windows: Optional[int] = None, tokenizer=None, out_dir=None, samples: bool = True,
-             max_new_tokens: int = 48, progress: bool = True) -> dict:
+             max_new_tokens: int = 48, progress: bool = True, device=None, dtype=torch.float32) -> dict:
     """Perplexity of a model on a text (file or ``datasets`` name) and, with ``base``, its KL
     divergence from the base window by window; writes ``eval_summary.json`` (and
-    ``sample_generations.json`` unless samples=False) into out_dir when given."""
+    ``sample_generations.json`` unless samples=False) into out_dir when given.
+    Both models are loaded on ``device`` (None: the GPU when there is one) in ``dtype``."""
     import hashlib
     import json
     import pathlib
@@ -264,13 +291,14 @@ def evaluate(model_or_path, text: str, base=None, protocol: str = "llama.cpp", n
 
     from . import __version__
 
-    model, tok, desc = load_model(model_or_path)
+    device = resolve_device(device)
+    model, tok, desc = load_model(model_or_path, dtype, device)
     tok = tokenizer or tok
     if tok is None:
-        raise ValueError("evaluate needs a tokenizer for an in-memory model: pass tokenizer=")
+        raise ValueError(f"{desc['name']} comes without a tokenizer: pass tokenizer=")
     base_model = base_desc = None
     if base is not None:
-        base_model, base_tok, base_desc = load_model(base)
+        base_model, base_tok, base_desc = load_model(base, dtype, device)
     raw = read_text(text)
     text_info = {"source": str(text), "sha256_16": hashlib.sha256(raw.encode()).hexdigest()[:16]}
     if not model.can_generate():  # an encoder: embeddings against the base's
@@ -278,7 +306,8 @@ def evaluate(model_or_path, text: str, base=None, protocol: str = "llama.cpp", n
             raise ValueError("an encoder is evaluated against its base: pass base=")
         sents = sentences_of(raw)
         summary = {"eoq_version": __version__, "transformers_version": transformers.__version__,
-                   "torch_version": torch.__version__, "model": {**desc, "fingerprint": fingerprint(model)},
+                   "torch_version": torch.__version__, "device": str(device),
+                   "model": {**desc, "fingerprint": fingerprint(model)},
                    "base": {**base_desc, "fingerprint": fingerprint(base_model)},
                    "text": {**text_info, "sentences": len(sents)},
                    "result": evaluate_encoder(model, base_model, tok, sents)}
@@ -294,7 +323,7 @@ def evaluate(model_or_path, text: str, base=None, protocol: str = "llama.cpp", n
     result = evaluate_tokens(model, ids, base_model, protocol, n_ctx, stride, bos, max_windows, progress)
     summary = {
         "eoq_version": __version__, "transformers_version": transformers.__version__,
-        "torch_version": torch.__version__,
+        "torch_version": torch.__version__, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
         "model": {**desc, "fingerprint": fingerprint(model)},
         "base": {**base_desc, "fingerprint": fingerprint(base_model)} if base_model is not None else None,
         "text": {**text_info, "tokens": int(ids.numel())},
