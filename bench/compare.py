@@ -155,14 +155,15 @@ class Runner:
         stats = self.eoq_stats()
         for part in self.a.parts:
             for method in self.a.eoq_methods:
-                for bits in self.a.eoq_bits:
-                    if method != "ecsq" and bits != int(bits):
+                for bits, alloc in ((b, al) for b in self.a.eoq_bits for al in self.a.eoq_allocation):
+                    if method != "ecsq" and (bits != int(bits) or alloc != "uniform"):
                         continue
                     for calibrated in (False, True):
                         protect = [eoq.ProtectRule(DOWN_REGEX, regex=True)] if part == "down" else []
                         cfg = eoq.QuantConfig(method=method, bits=bits, calibration=self.a.calib if calibrated else None,
-                                              awq=calibrated, protect=protect)
-                        out = self.work / f"eoq-{part}-{method}-{bits}-{'cal' if calibrated else 'nocal'}"
+                                              awq=calibrated, protect=protect, allocation=alloc)
+                        out = self.work / (f"eoq-{part}-{method}-{bits}-{'cal' if calibrated else 'nocal'}"
+                                           + ("-global" if alloc == "global" else ""))
                         t0 = time.perf_counter()
                         m = eoq.quantize_model(self.folder, out, cfg, stats=stats if calibrated else None,
                                                overwrite=True, progress=False, verbose=False)
@@ -174,7 +175,8 @@ class Runner:
                             bpw = 8 * sum(e["stored_bytes"] for e in down) / sum(e["shape"][0] * e["shape"][1]
                                                                                  for e in down)
                         model, _ = eoq.load_quantized(out, dtype=torch.float32)
-                        self.record("eoq", f"{method} {bits}", part, calibrated, bpw, model, {"convert_s": conv})
+                        setting = f"{method} {bits}" + (" global" if alloc == "global" else "")
+                        self.record("eoq", setting, part, calibrated, bpw, model, {"convert_s": conv, "allocation": alloc})
                         shutil.rmtree(out)  # re-made in seconds; a full grid would fill the disk
 
     # ---- llama.cpp ----------------------------------------------------------------------
@@ -245,7 +247,7 @@ def plot(rows: list[dict], out_dir: pathlib.Path, model: str = "dithered") -> li
         groups: dict = {}
         for r in rows:
             if r["part"] == part and "error" not in r:
-                label = f"{r['system']} {r['setting'].split()[0] if r['system'] == 'eoq' else ''}" \
+                label = f"{r['system']} {curve_name(r) if r['system'] == 'eoq' else ''}" \
                         f"{' (calibrated)' if r['calibrated'] else ''}".replace("  ", " ")
                 groups.setdefault(label, []).append((r["bpw"], r["kld"]))
         for label, pts in sorted(groups.items()):
@@ -271,6 +273,12 @@ def plot(rows: list[dict], out_dir: pathlib.Path, model: str = "dithered") -> li
     return paths
 
 
+def curve_name(r: dict) -> str:
+    """An eoq row's curve: its method, and the allocation when it is not uniform."""
+    words = r["setting"].split()
+    return " ".join([words[0]] + words[2:])
+
+
 def interp_log(xs: list[float], ys: list[float], x: float) -> Optional[float]:
     """y at x on the piecewise-linear curve of log(y) over x (None outside the measured range)."""
     for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
@@ -281,13 +289,14 @@ def interp_log(xs: list[float], ys: list[float], x: float) -> Optional[float]:
 
 
 def verdict(rows: list[dict], part: str = "down", method: str = "ecsq") -> str:
+    """``method`` names an eoq curve (curve_name): "ecsq", or "ecsq global"."""
     """eoq (calibrated ``method``) against each llama.cpp type (imatrix) at the type's bits/weight.
 
     eoq's KLD at a llama.cpp type's bits/weight is read off eoq's measured curve (log-linear
     between neighbouring settings), and the bits/weight at which eoq reaches Q4_K's KLD is read
     off the inverse curve; both are interpolations between measured points, said as such."""
     curve = sorted((r["bpw"], r["kld"]) for r in rows if r["part"] == part and r["system"] == "eoq"
-                   and r["calibrated"] and r["setting"].split()[0] == method and "error" not in r)
+                   and r["calibrated"] and curve_name(r) == method and "error" not in r)
     peers = sorted((r for r in rows if r["part"] == part and r["system"] == "llama.cpp" and r["calibrated"]
                     and "error" not in r), key=lambda r: r["bpw"])
     if len(curve) < 2 or not peers:
@@ -329,6 +338,8 @@ def main(argv=None) -> int:
     ap.add_argument("--parts", default="whole,down")
     ap.add_argument("--eoq-methods", default="ecsq,absmax,polar,turbo")
     ap.add_argument("--eoq-bits", default="2,3,4,5,6")
+    ap.add_argument("--eoq-allocation", default="uniform",
+                    help="uniform and/or global (ecsq only: per-tensor rates by equal slope, eoq.allocate)")
     ap.add_argument("--llama-types", default=",".join(DEFAULT_LLAMA_TYPES))
     ap.add_argument("--no-eoq", action="store_true")
     ap.add_argument("--no-llamacpp", action="store_true")
@@ -346,6 +357,7 @@ def main(argv=None) -> int:
         return report(json.loads(pathlib.Path(a.from_json).read_text()), a.plot)
     a.parts = a.parts.split(",")
     a.eoq_methods = a.eoq_methods.split(",")
+    a.eoq_allocation = a.eoq_allocation.split(",")
     a.eoq_bits = [float(b) if "." in b else int(b) for b in a.eoq_bits.split(",")]
     a.llama_types = [t for t in a.llama_types.split(",") if t]
     if a.threads:
@@ -371,10 +383,12 @@ def report(run: dict, plot_dir: Optional[str]) -> int:
         if r["system"] == "llama.cpp" and r["part"] == "down":
             r["setting"] = DOWN_TYPE.get(r["setting"], r["setting"])
     print(table(rows))
+    curves = sorted({curve_name(r) for r in rows if r["system"] == "eoq" and r["setting"].startswith("ecsq")})
     for part in ("down", "whole"):
-        v = verdict(rows, part)
-        if v:
-            print(f"\n## part {part}: eoq against llama.cpp at equal bits/weight\n\n{v}")
+        for method in curves:
+            v = verdict(rows, part, method)
+            if v:
+                print(f"\n## part {part}: eoq {method} against llama.cpp at equal bits/weight\n\n{v}")
     if plot_dir:
         for p in plot(rows, pathlib.Path(plot_dir), model):
             print(f"wrote {p}")

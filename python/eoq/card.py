@@ -42,9 +42,13 @@ def _snapshot(manifest: dict) -> str:
     else:
         calib_line = "none (data-free)"
     counts = ", ".join(f"{k}: {v}" for k, v in sorted(t["counts"].items()))
+    alloc = manifest.get("allocation")
+    alloc_line = (f"global: per-tensor rates by equal slope, {alloc['min_bits']:.2f}-{alloc['max_bits']:.2f} "
+                  f"bits/weight over {alloc['tensors']} tensors" if alloc else "uniform")
     return f"""| | |
 |---|---|
 | method | `{qc['method']}`, {qc['bits']} bits, codec `{qc['codec']}` |
+| allocation | {alloc_line} |
 | calibration | {calib_line} |
 | bits/weight, quantized weights | {t['bits_per_weight_quantized']:.3f} ({t['quantized_params']:,} weights) |
 | bits/weight, all parameters | {t['bits_per_weight_all']:.3f} ({t['all_params']:,} parameters) |

@@ -45,6 +45,10 @@ def quantize_parser(sub) -> None:
     p.add_argument("--method", help="ecsq (default), absmax, polar, turbo")
     p.add_argument("--bits", type=float, help="bits (ecsq: coded bits/weight; default 4)")
     p.add_argument("--block-size", type=int)
+    p.add_argument("--allocation", choices=("uniform", "global"),
+                   help="global (ecsq): per-tensor rates by equal slope, averaging --bits over the quantized weights")
+    p.add_argument("--allocation-range", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="bits/weight each tensor may get under --allocation global (default 2 8)")
     p.add_argument("--seed", type=int)
     p.add_argument("--codec", choices=("auto", "rans", "packed"))
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
@@ -77,7 +81,7 @@ def config_from_args(a) -> QuantConfig:
         with open(a.config) as f:
             d.update(json.load(f))
     for key in ("method", "bits", "block_size", "seed", "codec", "calibration", "calib_sequences", "calib_seq_len",
-                "min_numel", "max_shard_size", "dtype"):
+                "min_numel", "max_shard_size", "dtype", "allocation", "allocation_range"):
         if getattr(a, key) is not None:
             d[key] = getattr(a, key)
     if a.data_free:

@@ -31,7 +31,7 @@ from typing import Optional, Union
 
 import torch
 
-from . import repo
+from . import allocate, repo
 from .quant_config import QuantConfig
 from .quantized import quantize_tensor
 from .sources import Source, open_source
@@ -118,6 +118,37 @@ def quantize_one(source: Source, config: QuantConfig, name: str, t: torch.Tensor
     qt.dtype = t_out.dtype  # what the weight is dequantized to
     qt.bits = p["bits"]     # as asked (AWQ takes its scales' bits out of ecsq's rate target)
     return repo.quantized_entry(qt, config.codec, p["kind"], transposed, t.shape, p.get("rule"))
+
+
+def allocate_rates(source: Source, config: QuantConfig, partial: "Partial", stats: Optional[dict],
+                   progress: bool) -> dict:
+    """Per-tensor ecsq rates of a global allocation (eoq.allocate) over the tensors the default
+    setting quantizes (protect rules keep their own bits). Computed once, from every tensor's
+    rate-distortion curve, and kept in the partial folder so that a resumed run uses the same."""
+    from tqdm.auto import tqdm
+
+    path = partial.root / "allocation.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    lo, hi = config.allocation_range
+    curves = {}
+    for name in tqdm(source.names, desc="allocate", unit="tensor", disable=not progress):
+        t = source.get(name)
+        p = plan(source, config, name, t)
+        if p["action"] != "quantize" or p["kind"] != "quantized":
+            continue
+        w = t.t() if p["role"] == "conv1d" else t
+        rates, dists = allocate.rd_curve(w, importance_for(source, stats, name), p["block_size"],
+                                         tensor_seed(config.seed, name), lo, hi)
+        curves[name] = (w.numel(), rates, dists)
+    weights = sum(n for n, _, _ in curves.values())
+    budget = float(config.bits) * weights
+    rates = allocate.solve(curves, budget)
+    result = {"mode": "global", "tensors": len(rates), "weights": weights, "budget_bits": budget,
+              "range": [lo, hi], "min_bits": min(rates.values(), default=None),
+              "max_bits": max(rates.values(), default=None), "rates": dict(sorted(rates.items()))}
+    atomic_write(path, json.dumps(result, sort_keys=True))
+    return result
 
 
 # ---- the partial folder ---------------------------------------------------------------------
@@ -363,11 +394,15 @@ def quantize_model(model_or_path, out_dir: Union[str, os.PathLike], config: Opti
     elif not config.data_free:
         stats, calib = calibrate(source, config, partial, progress)
 
+    allocation = allocate_rates(source, config, partial, stats, progress) if config.allocation == "global" else None
+
     fault_after = int(os.environ.get(FAULT_ENV, "0") or 0)
     written = 0
     for name in tqdm(todo, desc="quantize", unit="tensor", disable=not progress):
         t = source.get(name)
         p = plan(source, config, name, t)
+        if allocation and name in allocation["rates"]:
+            p["bits"] = allocation["rates"][name]
         if p["action"] == "tied":
             want = stored_dtype(source, config)
             dt = want if want is not None and t.is_floating_point() else t.dtype
@@ -390,6 +425,7 @@ def quantize_model(model_or_path, out_dir: Union[str, os.PathLike], config: Opti
     stored_total = write_shards(dest, partial, entries, marker, config.max_shard_size)
     manifest = {"format": repo.FORMAT, "format_version": repo.FORMAT_VERSION, "eoq_version": _version(),
                 "config": config.to_dict(), "source": source.describe(), "calibration": calib, "marker": marker,
+                "allocation": allocation and {k: v for k, v in allocation.items() if k != "rates"},
                 "tensors": dict(sorted(entries.items())), "totals": totals(entries, stored_total)}
     atomic_write(dest / repo.MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
     write_config(dest, source, config, entries)

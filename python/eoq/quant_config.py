@@ -21,6 +21,7 @@ from typing import Any, Optional
 from .methods import METHODS
 
 CODECS = ("auto", "rans", "packed")
+ALLOCATIONS = ("uniform", "global")
 CALIBRATION_OFF = (None, "", "none")
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -61,6 +62,11 @@ class QuantConfig:
     bits: float = 4.0                    # per method: integer bits, or ecsq's coded rate in bits/weight
     block_size: Optional[int] = None     # None: the method's default
     seed: int = 0
+    # "uniform": every quantized tensor at `bits`; "global" (ecsq): per-tensor rates by equal
+    # slope (eoq.allocate) whose weighted mean over those tensors is `bits`, each within
+    # allocation_range bits/weight.
+    allocation: str = "uniform"
+    allocation_range: list = dataclasses.field(default_factory=lambda: [2.0, 8.0])
     codec: str = "auto"                  # auto: the smaller of rANS and packed, per tensor
     options: dict = dataclasses.field(default_factory=dict)   # passed to the method
     # Activation weighting (the default): statistics of every Linear's inputs on calibration
@@ -81,6 +87,18 @@ class QuantConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"QuantConfig: unknown method {self.method!r}; choose from {sorted(METHODS)}")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"QuantConfig: allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+        lo, hi = (float(b) for b in self.allocation_range)
+        self.allocation_range = [lo, hi]  # a list: the config must equal its own JSON round trip
+        if not 0 < lo < hi <= 8:
+            raise ValueError(f"QuantConfig: allocation_range must be (lo, hi) with 0 < lo < hi <= 8, "
+                             f"got {self.allocation_range}")
+        if self.allocation == "global" and self.method != "ecsq":
+            raise ValueError(f"QuantConfig: allocation='global' needs method 'ecsq' (a continuous rate), "
+                             f"not {self.method!r}")
+        if self.allocation == "global" and not lo <= float(self.bits) <= hi:
+            raise ValueError(f"QuantConfig: bits {self.bits} lies outside allocation_range {self.allocation_range}")
         if self.codec not in CODECS:
             raise ValueError(f"QuantConfig: codec must be one of {CODECS}, got {self.codec!r}")
         if not float(self.bits) > 0:
