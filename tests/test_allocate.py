@@ -158,3 +158,15 @@ def test_global_allocation_settings_are_checked():
         eoq.QuantConfig(bits=1.0, allocation="global")
     with pytest.raises(ValueError, match="allocation must be one of"):
         eoq.QuantConfig(allocation="greedy")
+
+
+def test_cli_global_allocation(tmp_path):
+    from eoq.cli import main
+
+    src = save("llama", tmp_path / "src")
+    out = tmp_path / "q"
+    assert main(["quantize", str(src), "-o", str(out), "--data-free", "--bits", "3.5", "--allocation", "global",
+                 "--allocation-range", "2.5", "5", "--no-progress"]) == 0
+    m = _manifest(out)
+    assert m["config"]["allocation"] == "global" and m["config"]["allocation_range"] == [2.5, 5.0]
+    assert 2.5 <= m["allocation"]["min_bits"] <= m["allocation"]["max_bits"] <= 5.0
