@@ -161,9 +161,13 @@ class Runner:
                     for calibrated in (False, True):
                         protect = [eoq.ProtectRule(DOWN_REGEX, regex=True)] if part == "down" else []
                         cfg = eoq.QuantConfig(method=method, bits=bits, calibration=self.a.calib if calibrated else None,
-                                              awq=calibrated, protect=protect, allocation=alloc)
+                                              awq=calibrated, protect=protect, allocation=alloc,
+                                              dtype="bfloat16")  # 16-bit passthrough, as the F16 GGUF base
+                        emb = part == "whole" and self.a.eoq_quantize_embeddings
+                        if emb:  # the tied embedding / lm_head too, as llama-quantize does
+                            cfg.quantize_embeddings = cfg.quantize_lm_head = True
                         out = self.work / (f"eoq-{part}-{method}-{bits}-{'cal' if calibrated else 'nocal'}"
-                                           + ("-global" if alloc == "global" else ""))
+                                           + ("-global" if alloc == "global" else "") + ("-emb" if emb else ""))
                         t0 = time.perf_counter()
                         m = eoq.quantize_model(self.folder, out, cfg, stats=stats if calibrated else None,
                                                overwrite=True, progress=False, verbose=False)
@@ -175,7 +179,7 @@ class Runner:
                             bpw = 8 * sum(e["stored_bytes"] for e in down) / sum(e["shape"][0] * e["shape"][1]
                                                                                  for e in down)
                         model, _ = eoq.load_quantized(out, dtype=torch.float32)
-                        setting = f"{method} {bits}" + (" global" if alloc == "global" else "")
+                        setting = f"{method} {bits}" + (" global" if alloc == "global" else "") + (" +emb" if emb else "")
                         self.record("eoq", setting, part, calibrated, bpw, model, {"convert_s": conv, "allocation": alloc})
                         shutil.rmtree(out)  # re-made in seconds; a full grid would fill the disk
 
@@ -250,11 +254,20 @@ def plot(rows: list[dict], out_dir: pathlib.Path, model: str = "dithered") -> li
                 label = f"{r['system']} {curve_name(r) if r['system'] == 'eoq' else ''}" \
                         f"{' (calibrated)' if r['calibrated'] else ''}".replace("  ", " ")
                 groups.setdefault(label, []).append((r["bpw"], r["kld"]))
+        palette = iter(["tab:red", "tab:blue", "tab:green", "tab:purple", "tab:brown", "tab:orange", "tab:olive",
+                        "tab:cyan", "tab:pink"])
+        colors: dict = {}
         for label, pts in sorted(groups.items()):
             pts.sort()
-            # eoq settings form a curve; llama.cpp types are separate formats: markers, not a line
-            style = "o-" if label.startswith("eoq") else ("s" if "calibrated" in label else "x")
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label, markersize=4)
+            cal = "calibrated" in label
+            if label.startswith("eoq"):  # one colour per eoq curve; calibrated solid, without dotted
+                key = label.replace(" (calibrated)", "")
+                color = colors.setdefault(key, next(palette, "gray"))
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if cal else "o:", color=color, label=label,
+                        markersize=3 if cal else 2, linewidth=1.5 if cal else 1)
+            else:  # llama.cpp types are separate formats: markers, not a line
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "s" if cal else "x", color="black" if cal else "gray",
+                        label=label, markersize=5 if cal else 4)
         for r in rows:
             if r["part"] == part and r["system"] == "llama.cpp" and r["calibrated"] and "error" not in r:
                 ax.annotate(r["setting"], (r["bpw"], r["kld"]), fontsize=6, xytext=(3, 3),
@@ -313,7 +326,9 @@ def verdict(rows: list[dict], part: str = "down", method: str = "ecsq") -> str:
         e = interp_log(xs, ys, r["bpw"])
         lines.append(f"| {r['setting']} | {r['bpw']:.3f} | {r['kld']:.5f} | "
                      + (f"{e:.5f} | {r['kld'] / e:.2f}x |" if e else "outside eoq's range | |"))
-    q4k = [r for r in peers if r["setting"] in ("Q4_K_M", "Q4_K_S", "Q4_K")]
+    # Q4_K: in part (b) the one type; in part (a) the Q4_K_M mix, llama.cpp's usual 4-bit choice
+    q4k = sorted((r for r in peers if r["setting"] in ("Q4_K_M", "Q4_K", "Q4_K_S")),
+                 key=lambda r: ("Q4_K_M", "Q4_K", "Q4_K_S").index(r["setting"]))
     if q4k:
         target = q4k[0]["kld"]
         # inverse: KLD falls with bits, so interpolate bits over -log(KLD)
@@ -324,7 +339,7 @@ def verdict(rows: list[dict], part: str = "down", method: str = "ecsq") -> str:
                 b = x0 + t * (x1 - x0)
                 break
         lines.append("")
-        lines.append(f"Q4_K (imatrix) in part ({part}): {q4k[0]['bpw']:.3f} bits/weight, mean KLD {target:.5f}; "
+        lines.append(f"{q4k[0]['setting']} (imatrix) in part ({part}): {q4k[0]['bpw']:.3f} bits/weight, mean KLD {target:.5f}; "
                      + (f"eoq {method} (calibrated) reaches that KLD at {b:.2f} bits/weight." if b else
                         f"eoq {method}'s measured range does not reach it."))
     return "\n".join(lines)
@@ -338,6 +353,8 @@ def main(argv=None) -> int:
     ap.add_argument("--parts", default="whole,down")
     ap.add_argument("--eoq-methods", default="ecsq,absmax,polar,turbo")
     ap.add_argument("--eoq-bits", default="2,3,4,5,6")
+    ap.add_argument("--eoq-quantize-embeddings", action="store_true",
+                    help="part (a): quantize the embedding / lm_head too (eoq keeps them in 16 bits by default)")
     ap.add_argument("--eoq-allocation", default="uniform",
                     help="uniform and/or global (ecsq only: per-tensor rates by equal slope, eoq.allocate)")
     ap.add_argument("--llama-types", default=",".join(DEFAULT_LLAMA_TYPES))
