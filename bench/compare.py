@@ -4,7 +4,9 @@
     python bench/compare.py --text WIKI.test.raw --calib CALIB.txt [--model dithered|gguf|HF_FOLDER]
         [--parts whole,down] [--eoq-methods ecsq,absmax,polar,turbo] [--eoq-bits 2,3,4,5,6]
         [--llama-types Q8_0,Q6_K,...] [--no-eoq] [--no-llamacpp] [--n-ctx 512] [--max-windows 16]
+        [--eoq-allocation uniform,global] [--eoq-quantize-embeddings] [--threads N]
         [--workdir DIR] [--json PATH] [--plot DIR]
+    python bench/compare.py --from-json RUN1.json,RUN2.json [--json MERGED.json] [--plot DIR]
 
 Models: ``dithered`` is SmolLM2-135M with continuous weights (eoq.testmodels.smollm2_dithered,
 the honest case); ``gguf`` is the original Q4_1 GGUF's weights (dequantized, saved as an HF
@@ -348,8 +350,8 @@ def verdict(rows: list[dict], part: str = "down", method: str = "ecsq") -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="dithered")
-    ap.add_argument("--text", required=True, help="evaluation text (file or datasets name)")
-    ap.add_argument("--calib", required=True, help="calibration text file, shared by eoq and llama-imatrix")
+    ap.add_argument("--text", help="evaluation text (file or datasets name); required unless --from-json")
+    ap.add_argument("--calib", help="calibration text file, shared by eoq and llama-imatrix; required unless --from-json")
     ap.add_argument("--parts", default="whole,down")
     ap.add_argument("--eoq-methods", default="ecsq,absmax,polar,turbo")
     ap.add_argument("--eoq-bits", default="2,3,4,5,6")
@@ -368,10 +370,17 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write all rows as JSON")
     ap.add_argument("--plot", help="write Pareto plots (PNG) into this folder")
     ap.add_argument("--threads", type=int)
-    ap.add_argument("--from-json", help="print the table, verdict and plots of an earlier run's JSON; run nothing")
+    ap.add_argument("--from-json", help="earlier runs' JSON files (comma-separated; a later file's row replaces an "
+                                        "earlier one of the same system, setting, part and calibration): print "
+                                        "their table, verdict and plots, --json writes the merged rows; run nothing")
     a = ap.parse_args(argv)
     if a.from_json:
-        return report(json.loads(pathlib.Path(a.from_json).read_text()), a.plot)
+        run = merge([json.loads(pathlib.Path(f).read_text()) for f in a.from_json.split(",")])
+        if a.json:
+            pathlib.Path(a.json).write_text(json.dumps({**run, "merged_from": a.from_json.split(",")}, indent=2))
+        return report(run, a.plot)
+    if not a.text or not a.calib:
+        ap.error("--text and --calib are required")
     a.parts = a.parts.split(",")
     a.eoq_methods = a.eoq_methods.split(",")
     a.eoq_allocation = a.eoq_allocation.split(",")
@@ -392,6 +401,15 @@ def main(argv=None) -> int:
           f"{a.max_windows} windows, torch {torch.__version__}, {time.perf_counter() - t0:.0f} s\n")
     runner.save()
     return report({"args": vars(a), "rows": runner.rows}, a.plot)
+
+
+def merge(runs: list[dict]) -> dict:
+    rows: dict = {}
+    for run in runs:
+        for r in run["rows"]:
+            rows[(r["system"], r["setting"], r["part"], r["calibrated"])] = r
+    return {"args": runs[0]["args"], "base_ppl": next((r["base_ppl"] for r in runs if r.get("base_ppl")), None),
+            "rows": list(rows.values())}
 
 
 def report(run: dict, plot_dir: Optional[str]) -> int:
