@@ -23,6 +23,17 @@ def ids():
     return torch.randint(3, 320, (150,), generator=torch.Generator().manual_seed(1))
 
 
+@torch.no_grad()
+def perturbed(model, scale: float):
+    """A copy with seeded Gaussian noise of scale x each matrix's std added to every matrix."""
+    noisy = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(0)
+    for p in noisy.parameters():
+        if p.dim() == 2:
+            p.add_(torch.randn(p.shape, generator=g) * p.std() * scale)
+    return noisy
+
+
 def test_llama_cpp_protocol_by_hand(model, ids):
     n_ctx, bos = 32, 1
     nll = []
@@ -80,12 +91,7 @@ def test_kld_against_itself_and_a_perturbed_copy(model, ids):
     r = evaluate_tokens(model, ids, base=model, protocol="llama.cpp", n_ctx=32, bos_id=1, progress=False)
     assert r["kld"]["max"] < 1e-6 and r["same_top1"] == 1.0 and r["rms_dp"] < 1e-6
     assert r["ppl_ratio"] == pytest.approx(1.0)
-    noisy = copy.deepcopy(model)
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(0)
-        for p in noisy.parameters():
-            if p.dim() == 2:
-                p.add_(torch.randn(p.shape, generator=g) * p.std() * 0.5)
+    noisy = perturbed(model, 0.5)
     r = evaluate_tokens(noisy, ids, base=model, protocol="sliding", n_ctx=40, stride=20, progress=False)
     cache = {}
     r1 = evaluate_tokens(noisy, ids, base=model, protocol="sliding", n_ctx=40, stride=20, progress=False,
@@ -121,12 +127,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 def test_cuda_evaluation_matches_cpu(model, ids):
     """The same windows on the GPU: NLL and KL statistics agree with the CPU's to float32
     accuracy; a base on the CPU (its cached log-probabilities) works with a model on the GPU."""
-    noisy = copy.deepcopy(model)
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(0)
-        for p in noisy.parameters():
-            if p.dim() == 2:
-                p.add_(torch.randn(p.shape, generator=g) * p.std() * 0.3)
+    noisy = perturbed(model, 0.3)
     cpu = evaluate_tokens(noisy, ids, base=model, protocol="llama.cpp", n_ctx=32, bos_id=1, progress=False)
     gpu_model = copy.deepcopy(noisy).cuda()
     gpu = evaluate_tokens(gpu_model, ids, base=copy.deepcopy(model).cuda(), protocol="llama.cpp", n_ctx=32,

@@ -48,7 +48,7 @@ from typing import Optional
 
 import torch
 
-from .methods import ecsq, rotation
+from .methods import ecsq
 from .quantized import weighted_error
 
 GRID = 40            # steps per curve: rates 0.1-0.2 bit apart between 2 and 8 bits/weight
@@ -63,15 +63,13 @@ def rd_curve(w: torch.Tensor, importance: Optional[torch.Tensor] = None, block_s
              seed: int = 0, min_bits: float = 2.0, max_bits: float = 8.0) -> tuple[list[float], list[float]]:
     """(rates, relative distortions) of ecsq on weight w [rows, cols] at GRID steps, clipped to
     [min_bits, max_bits] bits/weight (end points interpolated), rates increasing."""
-    rows, cols = w.shape
-    block, padded = rotation.choose_block(cols, int(block_size or ecsq.DEFAULT_BLOCK))
-    x = rotation.rotate(w.float(), block, padded, seed)
-    p = ecsq._Problem(w.float(), x, block, seed, importance, None)
-    n = rows * cols
-    energy = weighted_error(w.float(), torch.zeros_like(w, dtype=torch.float32), importance) or 1.0
-    lo, hi = torch.tensor(p.lo).log(), torch.tensor(p.hi).log()
+    w = w.float()
+    p = ecsq.Problem(w, block_size, seed, importance)
+    n = w.numel()
+    energy = weighted_error(w, torch.zeros_like(w), importance) or 1.0
     pts = []
-    for s in torch.linspace(float(lo), float(hi), GRID).exp().tolist():
+    lo, hi = torch.tensor([p.lo, p.hi]).log().tolist()  # float32, as the grid itself
+    for s in torch.linspace(lo, hi, GRID).exp().tolist():
         s = max(s, p.lo)
         pts.append((p.total_bits([s], n) / n, _round(p.distortion(p.groups[0], s) / energy)))
     pts.sort()

@@ -64,10 +64,6 @@ def windows(n_tokens: int, protocol: str = "llama.cpp", n_ctx: int = 512, stride
             break
 
 
-def model_device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
 def resolve_device(device=None) -> torch.device:
     """None / "auto": the GPU when torch sees one, else the CPU."""
     if device is None or device == "auto":
@@ -78,7 +74,7 @@ def resolve_device(device=None) -> torch.device:
 @torch.no_grad()
 def _log_probs(model, ids: torch.Tensor) -> torch.Tensor:
     """[len, vocab] float32 log-probabilities, on the model's device."""
-    ids = ids.reshape(1, -1).to(model_device(model))
+    ids = ids.reshape(1, -1).to(model.device)
     return model(input_ids=ids).logits[0].float().log_softmax(-1)
 
 
@@ -246,7 +242,7 @@ def generations(model, tokenizer, prompts=PROMPTS, max_new_tokens: int = 48) -> 
                                                 return_tensors="pt", return_dict=True)
         else:
             enc = tokenizer(prompt, return_tensors="pt")
-        enc = {k: v.to(model_device(model)) for k, v in enc.items()}
+        enc = {k: v.to(model.device) for k, v in enc.items()}
         ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
         out.append(tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
     return out

@@ -48,11 +48,14 @@ def stream_overhead_bits(n: int, alphabet: int) -> int:
     return 8 * (30 + 2 * alphabet + 4 + chunks * (8 + 128))
 
 
-class _Problem:
-    """The rotated rows of one tensor and what every trial step needs."""
+class Problem:
+    """The rotated rows of one tensor and what every trial step needs (quantize here, and the
+    rate-distortion curves of eoq.allocate)."""
 
-    def __init__(self, w, x, block, seed, importance, group_rows):
-        self.w, self.x, self.block, self.seed, self.imp = w, x, block, seed, importance
+    def __init__(self, w, block_size=None, seed=0, importance=None, group_rows=None):
+        self.block, self.padded = rotation.choose_block(w.shape[1], int(block_size or DEFAULT_BLOCK))
+        x = rotation.rotate(w, self.block, self.padded, seed)
+        self.w, self.x, self.seed, self.imp = w, x, seed, importance
         rows = x.shape[0]
         g = rows if not group_rows else int(group_rows)
         self.groups = [slice(r, min(rows, r + g)) for r in range(0, rows, g)]
@@ -160,11 +163,10 @@ def quantize(w: torch.Tensor, bits, block_size=None, importance=None, seed=0, na
     if step is None and lam is None and not (0 < float(bits) <= 8):
         raise ValueError(f"{name}: ecsq bits (a target coded rate) must be in (0, 8], got {bits}")
     rows, cols = w.shape
-    block, padded = rotation.choose_block(cols, int(block_size or DEFAULT_BLOCK))
-    x = rotation.rotate(w, block, padded, seed)
-    p = _Problem(w, x, block, seed, importance, group_rows)
+    p = Problem(w, block_size, seed, importance, group_rows)
     numel = rows * cols
-    meta = {"rotation_block": block, "padded_cols": padded, "group_rows": group_rows}
+    block = p.block
+    meta = {"rotation_block": block, "padded_cols": p.padded, "group_rows": group_rows}
 
     if step is not None:
         if not step > 0:
@@ -184,7 +186,7 @@ def quantize(w: torch.Tensor, bits, block_size=None, importance=None, seed=0, na
             def steps_for(lam_):
                 return [p.best_step(sl, lam_) for sl in p.groups]
 
-            scale = float(x.pow(2).mean()) + 1e-30  # distortion per weight at zero rate
+            scale = float(p.x.pow(2).mean()) + 1e-30  # distortion per weight at zero rate
             lam_ = _solve(lambda l: p.total_bits(steps_for(l), numel) - target, scale * 1e-9, scale * 10,
                           tol=1e-3 * target)
             steps = steps_for(lam_)
