@@ -142,47 +142,57 @@ class Runner:
 
     # ---- eoq ----------------------------------------------------------------------------
 
-    def eoq_stats(self):
-        from eoq import calibration as cal
+    def eoq_calibration(self, source: str) -> tuple:
+        """(stats file, sensitivity file) of a calibration source ("calib" text or "self"),
+        measured once and shared by every eoq run."""
+        import eoq
 
-        path = self.work / "eoq-calib-stats.safetensors"
-        if not path.is_file():
-            seqs = cal.token_sequences(cal.load_text(self.a.calib), self.tok, self.a.calib_sequences, self.a.n_ctx)
-            cal.save_stats(cal.collect_stats(self.base, seqs, progress=False), path, source=self.a.calib)
-        return path
+        folder = self.work / f"eoq-calibration-{source}"
+        if not (folder / "sensitivity.safetensors").is_file():
+            cfg = eoq.QuantConfig(calibration=self.a.calib if source == "calib" else "self",
+                                  calib_sequences=self.a.calib_sequences, calib_seq_len=self.a.n_ctx)
+            eoq.calibrate_model(self.folder, folder, cfg, progress=False)
+        return folder / "calib_stats.safetensors", folder / "sensitivity.safetensors"
 
     def run_eoq(self):
         import eoq
 
-        stats = self.eoq_stats()
         for part in self.a.parts:
             for method in self.a.eoq_methods:
                 for bits, alloc in ((b, al) for b in self.a.eoq_bits for al in self.a.eoq_allocation):
                     if method != "ecsq" and (bits != int(bits) or alloc != "uniform"):
                         continue
-                    for calibrated in (False, True):
+                    for cal in self.a.eoq_calibration:
+                        if alloc == "sensitivity" and cal == "none":
+                            continue  # nothing to measure sensitivity on
                         protect = [eoq.ProtectRule(DOWN_REGEX, regex=True)] if part == "down" else []
-                        cfg = eoq.QuantConfig(method=method, bits=bits, calibration=self.a.calib if calibrated else None,
-                                              awq=calibrated, protect=protect, allocation=alloc,
+                        calibration = {"calib": self.a.calib, "self": "self", "none": None}[cal]
+                        cfg = eoq.QuantConfig(method=method, bits=bits, calibration=calibration,
+                                              awq=calibration is not None, protect=protect, allocation=alloc,
+                                              calib_sequences=self.a.calib_sequences, calib_seq_len=self.a.n_ctx,
                                               dtype="bfloat16")  # 16-bit passthrough, as the F16 GGUF base
-                        emb = part == "whole" and self.a.eoq_quantize_embeddings
-                        if emb:  # the tied embedding / lm_head too, as llama-quantize does
-                            cfg.quantize_embeddings = cfg.quantize_lm_head = True
-                        out = self.work / (f"eoq-{part}-{method}-{bits}-{'cal' if calibrated else 'nocal'}"
-                                           + ("-global" if alloc == "global" else "") + ("-emb" if emb else ""))
+                        if part == "whole" and self.a.eoq_keep_embeddings:
+                            cfg.quantize_embeddings = cfg.quantize_lm_head = False
+                        stats, sens = self.eoq_calibration(cal) if calibration else (None, None)
+                        setting = f"{method} {bits} {alloc}" + ("" if cal == "calib" else f" {cal}") \
+                            + (" -emb" if part == "whole" and self.a.eoq_keep_embeddings else "")
+                        out = self.work / ("eoq-" + part + "-" + setting.replace(" ", "-"))
                         t0 = time.perf_counter()
-                        m = eoq.quantize_model(self.folder, out, cfg, stats=stats if calibrated else None,
+                        m = eoq.quantize_model(self.folder, out, cfg, stats=stats, sensitivity=sens,
                                                overwrite=True, progress=False, verbose=False)
                         conv = time.perf_counter() - t0
                         if part == "whole":
-                            bpw = 8 * folder_bytes(out) / self.n_params
+                            bpw = 8 * m["totals"]["stored_bytes"] / self.n_params
                         else:
                             down = [e for n, e in m["tensors"].items() if "down_proj" in n and e["kind"] == "quantized"]
                             bpw = 8 * sum(e["stored_bytes"] for e in down) / sum(e["shape"][0] * e["shape"][1]
                                                                                  for e in down)
                         model, _ = eoq.load_quantized(out, dtype=torch.float32)
-                        setting = f"{method} {bits}" + (" global" if alloc == "global" else "") + (" +emb" if emb else "")
-                        self.record("eoq", setting, part, calibrated, bpw, model, {"convert_s": conv, "allocation": alloc})
+                        alloc_rec = m.get("allocation") or {}
+                        self.record("eoq", setting, part, cal == "calib", bpw, model,
+                                    {"convert_s": conv, "allocation": alloc, "calibration": cal,
+                                     "folder_bpw": 8 * folder_bytes(out) / self.n_params,
+                                     "predicted_kl": alloc_rec.get("predicted_kl")})
                         shutil.rmtree(out)  # re-made in seconds; a full grid would fill the disk
 
     # ---- llama.cpp ----------------------------------------------------------------------
@@ -207,7 +217,7 @@ class Runner:
                 if qtype in done:
                     continue
                 done.add(qtype)
-                for calibrated in (False, True):
+                for calibrated in self.a.llama_calibration:
                     out = self.work / f"llama-{part}-{qtype}-{'imat' if calibrated else 'noimat'}.gguf"
                     try:
                         if part == "whole":
@@ -355,11 +365,15 @@ def main(argv=None) -> int:
     ap.add_argument("--parts", default="whole,down")
     ap.add_argument("--eoq-methods", default="ecsq,absmax,polar,turbo")
     ap.add_argument("--eoq-bits", default="2,3,4,5,6")
-    ap.add_argument("--eoq-quantize-embeddings", action="store_true",
-                    help="part (a): quantize the embedding / lm_head too (eoq keeps them in 16 bits by default)")
-    ap.add_argument("--eoq-allocation", default="uniform",
-                    help="uniform and/or global (ecsq only: per-tensor rates by equal slope, eoq.allocate)")
+    ap.add_argument("--eoq-keep-embeddings", action="store_true",
+                    help="part (a): keep the embedding / lm_head in 16 bits (eoq quantizes them by default)")
+    ap.add_argument("--eoq-allocation", default="sensitivity",
+                    help="sensitivity, proxy and/or uniform (the last for every method; the others ecsq only)")
+    ap.add_argument("--eoq-calibration", default="calib,self,none",
+                    help="eoq's calibration: calib (the --calib text), self (text the model samples), none")
     ap.add_argument("--llama-types", default=",".join(DEFAULT_LLAMA_TYPES))
+    ap.add_argument("--llama-calibration", default="none,imatrix",
+                    help="llama.cpp rows without (none) and/or with an imatrix (imatrix)")
     ap.add_argument("--no-eoq", action="store_true")
     ap.add_argument("--no-llamacpp", action="store_true")
     ap.add_argument("--n-ctx", type=int, default=512)
@@ -384,8 +398,10 @@ def main(argv=None) -> int:
     a.parts = a.parts.split(",")
     a.eoq_methods = a.eoq_methods.split(",")
     a.eoq_allocation = a.eoq_allocation.split(",")
+    a.eoq_calibration = a.eoq_calibration.split(",")
     a.eoq_bits = [float(b) if "." in b else int(b) for b in a.eoq_bits.split(",")]
     a.llama_types = [t for t in a.llama_types.split(",") if t]
+    a.llama_calibration = [{"none": False, "imatrix": True}[c] for c in a.llama_calibration.split(",")]
     if a.threads:
         torch.set_num_threads(a.threads)
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))

@@ -90,20 +90,20 @@ def _manifest(out):
     return json.loads((out / "quant_manifest.json").read_text())
 
 
-def test_global_allocation_in_a_conversion(tmp_path):
+def test_proxy_allocation_meets_the_whole_model_budget(tmp_path):
     src = save("llama", tmp_path / "src")
     cfg = eoq.QuantConfig(bits=3.0, calibration=None, awq=False, allocation="global", allocation_range=[1.5, 6.0])
+    assert cfg.allocation == "proxy"  # the old name
     m = eoq.quantize_model(src, tmp_path / "q", cfg, progress=False, verbose=False)
     q = {n: e for n, e in m["tensors"].items() if e["kind"] == "quantized"}
-    weights = sum(e["shape"][0] * e["shape"][1] for e in q.values())
-    stored = sum(8 * e["stored_bytes"] for e in q.values())
-    # The budget is met from below. These tensors are tiny (8k-45k weights), so ecsq's
-    # per-tensor search lands up to ~1 % under its target, as it does at a uniform rate.
-    assert m["allocation"]["budget_bits"] == pytest.approx(3.0 * weights)
-    assert 3.0 * weights * 0.98 <= stored <= 3.0 * weights
+    # Everything stored (codes, side data, the 16-bit norms, the marker) over every parameter.
+    params = m["totals"]["all_params"]
+    assert m["allocation"]["budget_bits"] == pytest.approx(3.0 * params)
+    assert 3.0 * params * 0.995 <= 8 * m["totals"]["stored_bytes"] <= 3.0 * params
+    assert m["totals"]["bits_per_weight_all"] <= 3.0
     bits = sorted(e["bits"] for e in q.values())
     assert bits[0] >= 1.5 and bits[-1] <= 6.0 and bits[-1] - bits[0] > 0.1  # rates do differ
-    assert "| allocation | global: per-tensor rates by equal slope" in (tmp_path / "q" / "README.md").read_text()
+    assert "| allocation | proxy: by equal slope" in (tmp_path / "q" / "README.md").read_text()
     model, _ = eoq.load_quantized(tmp_path / "q", dtype=torch.float32)
     assert model(torch.tensor([[1, 5, 9]])).logits.isfinite().all()
 
@@ -141,7 +141,8 @@ def test_global_allocation_resumes_to_the_same_bytes(tmp_path):
     code = ("import eoq, sys; eoq.quantize_model(sys.argv[1], sys.argv[2], eoq.QuantConfig.from_json(sys.argv[3]), "
             "progress=False, verbose=False)")
     args = [sys.executable, "-c", code, str(src), str(tmp_path / "out"), cfg.to_json()]
-    env = {**os.environ, "EOQ_FAULT_AFTER_TENSORS": "3", "OMP_NUM_THREADS": "1"}
+    # 6 fixed tensors (5 norms, the tie) are written before the allocation, then 3 quantized ones
+    env = {**os.environ, "EOQ_FAULT_AFTER_TENSORS": "9", "OMP_NUM_THREADS": "1"}
     assert subprocess.run(args, env=env).returncode == 75
     assert (tmp_path / ".out.eoq-partial" / "allocation.json").is_file()
     env.pop("EOQ_FAULT_AFTER_TENSORS")
@@ -151,13 +152,19 @@ def test_global_allocation_resumes_to_the_same_bytes(tmp_path):
         assert (tmp_path / "out" / f).read_bytes() == (tmp_path / "ref" / f).read_bytes(), f
 
 
-def test_global_allocation_settings_are_checked():
-    with pytest.raises(ValueError, match="needs method 'ecsq'"):
-        eoq.QuantConfig(method="polar", allocation="global")
-    with pytest.raises(ValueError, match="outside allocation_range"):
-        eoq.QuantConfig(bits=1.0, allocation="global")
+def test_allocation_settings_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="needs a method with a continuous rate"):
+        eoq.QuantConfig(method="polar", allocation="proxy")
     with pytest.raises(ValueError, match="allocation must be one of"):
         eoq.QuantConfig(allocation="greedy")
+    assert eoq.QuantConfig(method="polar", bits=3).allocation == "uniform"
+    assert eoq.QuantConfig().allocation == "sensitivity"
+    assert eoq.QuantConfig(calibration=None, awq=False).allocation == "proxy"
+    src = save("llama", tmp_path / "src")
+    with pytest.raises(ValueError, match=r"below the smallest size the settings allow.*at 1.5 bits/weight"):
+        eoq.quantize_model(src, tmp_path / "q", eoq.QuantConfig(bits=1.0, calibration=None, awq=False),
+                           progress=False, verbose=False)
+    assert not (tmp_path / ".q.eoq-partial").exists()  # refused before any work
 
 
 def test_cli_global_allocation(tmp_path):
@@ -168,5 +175,5 @@ def test_cli_global_allocation(tmp_path):
     assert main(["quantize", str(src), "-o", str(out), "--data-free", "--bits", "3.5", "--allocation", "global",
                  "--allocation-range", "2.5", "5", "--no-progress"]) == 0
     m = _manifest(out)
-    assert m["config"]["allocation"] == "global" and m["config"]["allocation_range"] == [2.5, 5.0]
+    assert m["config"]["allocation"] == "proxy" and m["config"]["allocation_range"] == [2.5, 5.0]
     assert 2.5 <= m["allocation"]["min_bits"] <= m["allocation"]["max_bits"] <= 5.0

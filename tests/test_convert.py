@@ -62,7 +62,7 @@ def test_convert_and_load_both_ways(tiny, tmp_path, arch, method):
     entry = manifest["tensors"][name]
     w = base.state_dict()[name]
     w = w.t() if entry["transposed"] else w
-    qt = eoq.quantize_tensor(w, method, METHOD_BITS[method], seed=tensor_seed(0, name), name=name)
+    qt = eoq.quantize_tensor(w, method, entry["bits"], seed=tensor_seed(0, name), name=name)  # ecsq: its allocated rate
     want = qt.dequantize()
     assert torch.equal(sd[name], want.t().contiguous() if entry["transposed"] else want)
     # Passthrough tensors come back as they were.
@@ -88,19 +88,25 @@ def test_convert_and_load_both_ways(tiny, tmp_path, arch, method):
     assert kl < 0.05, kl
 
 
-def test_tied_head_stored_once_and_lm_head_option(tiny, tmp_path):
+def test_tied_head_stored_once_and_embedding_options(tiny, tmp_path):
+    # The default quantizes the tied embedding / head once, and both roles load the same tensor.
     m = eoq.quantize_model(tiny["llama"], tmp_path / "a", data_free(), progress=False, verbose=False)
     t = m["tensors"]
     assert t["lm_head.weight"] == {"kind": "tied", "tied_to": "model.embed_tokens.weight", "shape": [320, 128],
                                    "dtype": "bfloat16", "stored_bytes": 0}
-    assert t["model.embed_tokens.weight"]["kind"] == "passthrough"
+    assert t["model.embed_tokens.weight"]["kind"] == "quantized"
     assert t["model.norm.weight"]["reason"] == "non-2d"
-    m = eoq.quantize_model(tiny["llama"], tmp_path / "b", data_free(quantize_lm_head=True), progress=False,
+    model = auto_class("llama").from_pretrained(tmp_path / "a")
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert torch.equal(model.lm_head.weight, eoq.read_state_dict(tmp_path / "a")["model.embed_tokens.weight"])
+    # The opt-out keeps them in 16 bits; asking for the head alone quantizes the tied pair.
+    keep = data_free(quantize_embeddings=False, quantize_lm_head=False)
+    m = eoq.quantize_model(tiny["llama"], tmp_path / "b", keep, progress=False, verbose=False)
+    assert m["tensors"]["model.embed_tokens.weight"]["kind"] == "passthrough"
+    m = eoq.quantize_model(tiny["llama"], tmp_path / "c", data_free(quantize_embeddings=False), progress=False,
                            verbose=False)
     assert m["tensors"]["model.embed_tokens.weight"]["kind"] == "quantized"
-    model = auto_class("llama").from_pretrained(tmp_path / "b")
-    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
-    m = eoq.quantize_model(tiny["qwen2"], tmp_path / "c", data_free(quantize_lm_head=True), progress=False,
+    m = eoq.quantize_model(tiny["qwen2"], tmp_path / "d", data_free(quantize_embeddings=False), progress=False,
                            verbose=False)
     assert m["tensors"]["lm_head.weight"]["kind"] == "quantized"
     assert m["tensors"]["model.embed_tokens.weight"]["kind"] == "passthrough"
@@ -109,7 +115,8 @@ def test_tied_head_stored_once_and_lm_head_option(tiny, tmp_path):
 def test_protect_rules(tiny, tmp_path):
     rules = [eoq.ProtectRule("model.layers.0.self_attn.q_proj.weight"),
              eoq.ProtectRule(r"down_proj", regex=True, action="quantize", method="absmax", bits=8)]
-    m = eoq.quantize_model(tiny["llama"], tmp_path / "q", data_free(protect=rules), progress=False, verbose=False)
+    m = eoq.quantize_model(tiny["llama"], tmp_path / "q", data_free(bits=5, protect=rules), progress=False,
+                           verbose=False)
     t = m["tensors"]
     assert t["model.layers.0.self_attn.q_proj.weight"]["kind"] == "protected"
     assert "method" not in t["model.layers.0.self_attn.q_proj.weight"]
@@ -130,7 +137,8 @@ def test_gpt2_conv1d_is_transposed(tiny, tmp_path):
 def test_calibrated_awq_conversion(tiny, tmp_path):
     base = build("llama")
     stats = collect_stats(base, [torch.randint(3, 320, (64,)) for _ in range(4)], progress=False)
-    cfg = eoq.QuantConfig(bits=3.0)  # defaults: calibration on, AWQ on
+    # defaults: calibration on, AWQ on; the sensitivity pass would need a tokenizer (these have none)
+    cfg = eoq.QuantConfig(bits=3.0, allocation="proxy")
     m = eoq.quantize_model(tiny["llama"], tmp_path / "q", cfg, stats=stats, progress=False, verbose=False)
     e = m["tensors"]["model.layers.0.mlp.up_proj.weight"]
     assert "awq_scales" in e["parts"] and "awq_alpha" in e["meta"]

@@ -206,3 +206,68 @@ def test_ecsq_rate_cap_with_an_outlier():
     step = float(qt.side["steps"][0])
     # each rotated value is within step/2 and the rotation is orthonormal
     assert float((w_hat - w).double().pow(2).sum()) <= w.numel() * (0.5 * step) ** 2 * 1.001
+
+
+# ---- ecsq row importance ------------------------------------------------------------------
+
+
+def _row_weights(rows: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.rand(rows, generator=g).pow(6) * 1000  # Zipf-like: a few rows matter a lot
+    w[: rows // 5] = 0  # never seen
+    return w
+
+
+def test_row_multipliers_reference():
+    """m_i = (rho'_i / gm)^(-1/2), rho' = rho + prior * sum(rho) / tokens, clipped to 16x its
+    geometric mean either way; written out in numpy."""
+    from eoq.methods import ecsq
+
+    rho = _row_weights(300, 1)
+    m = ecsq.row_multipliers(rho, row_tokens=500).double().numpy()
+    r = rho.double().numpy()
+    r = r + ecsq.ROW_PRIOR * r.sum() / 500
+    gm = np.exp(np.log(r).mean())
+    r = np.clip(r, gm / ecsq.ROW_RANGE, gm * ecsq.ROW_RANGE)
+    want = r ** -0.5
+    want /= np.exp(np.log(want).mean())
+    np.testing.assert_allclose(m, want, rtol=1e-6)
+    assert m.max() / m.min() <= 4.0 * 1.0001 * 4.0  # the multipliers span at most 16x
+    assert ecsq.row_multipliers(torch.zeros(5)).tolist() == [1.0] * 5  # nothing seen: rows alike
+
+
+def test_row_importance_lowers_the_row_weighted_error_at_equal_rate():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(512, 256, generator=g)
+    rho = _row_weights(512)
+    plain = eoq.quantize_tensor(w, "ecsq", 4.0)
+    rows = eoq.quantize_tensor(w, "ecsq", 4.0, row_importance=rho, row_tokens=1000)
+    assert rows.bits_per_weight() <= 4.0 and plain.bits_per_weight() <= 4.0
+    assert rows.bits_per_weight() >= 4.0 * 0.999  # the per-row steps (32 bits a row) are counted
+    assert rows.side["steps"].shape == (512,) and rows.meta["group_rows"] == 1
+    e_rows = weighted_error(w, rows.dequantize(), None, rho)
+    e_plain = weighted_error(w, plain.dequantize(), None, rho)
+    assert e_rows < 0.7 * e_plain
+    # The codes are round(x_i / (step * m_i)) of the rotated rows.
+    from eoq.methods import ecsq, rotation
+    x = rotation.rotate(w, rows.meta["rotation_block"], rows.meta["padded_cols"], 0)
+    q = torch.round(x / rows.side["steps"].reshape(-1, 1).double().float())
+    assert (q - rows.meta["offset"] - rows.codes.float()).abs().max() <= 1  # float32 step products: at most one off
+    assert torch.equal(rows.dequantize(), eoq.QuantizedTensor(**{**rows.__dict__, "_stored": {}}).dequantize())
+
+
+def test_row_importance_with_awq_and_bad_input():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(300, 128, generator=g)
+    imp = torch.rand(128, generator=g) + 0.1
+    qt = eoq.quantize_tensor(w, "ecsq", 3.5, importance=imp, awq=True, row_importance=_row_weights(300))
+    assert "awq_scales" in qt.side and qt.side["steps"].shape == (300,) and qt.bits_per_weight() <= 3.5
+    with pytest.raises(ValueError, match="row_importance has 7 values for 300 rows"):
+        eoq.quantize_tensor(w, "ecsq", 3.5, row_importance=torch.ones(7))
+    with pytest.raises(ValueError, match="finite and non-negative"):
+        eoq.quantize_tensor(w, "ecsq", 3.5, row_importance=-torch.ones(300))
+    with pytest.raises(ValueError, match="at most one of group_rows= and row_importance="):
+        eoq.quantize_tensor(w, "ecsq", 3.5, row_importance=torch.ones(300), group_rows=10)
+    # A fixed-rate method quantizes rows independently: row weights cannot change its codes.
+    a = eoq.quantize_tensor(w, "absmax", 4, row_importance=_row_weights(300))
+    assert torch.equal(a.codes, eoq.quantize_tensor(w, "absmax", 4).codes)

@@ -11,14 +11,14 @@ from . import _C
 from . import ops
 from .errors import CorruptStreamError
 from .quantized import QuantizedTensor, quantize_tensor
-from .quant_config import ProtectRule, QuantConfig
+from .quant_config import ProtectRule, QuantConfig, parse_size
 from .repo import FormatError
-from .convert import quantize_model, summary_table
+from .convert import calibrate_model, quantize_model, summary_table
 from .loading import load_quantized, read_state_dict
 from .hf_quantizer import register as _register
 
 __version__ = "0.1.0"
 __all__ = ["ops", "CorruptStreamError", "FormatError", "QuantizedTensor", "quantize_tensor", "QuantConfig",
-           "ProtectRule", "quantize_model", "summary_table", "load_quantized", "read_state_dict", "__version__"]
+           "ProtectRule", "parse_size", "calibrate_model", "quantize_model", "summary_table", "load_quantized", "read_state_dict", "__version__"]
 
 _register()

@@ -1,21 +1,24 @@
-"""Global bits-per-weight allocation: per-tensor ecsq rates that hit a size target for the
-whole model while minimising the summed distortion.
+"""Bits-per-weight allocation: per-tensor ecsq rates that spend the whole model's budget
+while minimising the predicted loss.
 
 Why: a uniform rate gives every tensor the same bits/weight, but tensors differ in how much
-error a bit removes. Minimising sum_i D_i(R_i) subject to sum_i n_i R_i = B (n_i weights,
-R_i bits/weight of tensor i) is solved by equal slope: every tensor sits where one more bit
-per weight buys the same reduction dD_i / (n_i dR_i) (a Lagrange multiplier, the classic
-reverse water-filling).
+the model's output loses per bit. Minimising sum_i c_i D_i(R_i) subject to
+sum_i n_i R_i = B (n_i weights, R_i bits/weight of tensor i) is solved by equal slope: every
+tensor sits where one more bit per weight buys the same reduction c_i dD_i / (n_i dR_i) (a
+Lagrange multiplier, the classic reverse water-filling).
 
-Which D: the *relative* output error of each layer, D_i = sum_c E[a_c^2] ||dW_c||^2 /
-sum_c E[a_c^2] ||W_c||^2 (plain relative weight error without activation statistics).
-The absolute output error is not comparable across layers: the residual stream grows with
-depth, so it pours bits into the last layers. Measured on SmolLM2-135M-dithered's down
-projections at 4 bits/weight with calibration (8 WikiText-2 windows): uniform KLD 0.0317,
-global with the absolute error 0.071, global with the relative error 0.032. Neither proxy
-knows how the network amplifies a layer's error; that needs gradient (Fisher) statistics.
-So "global" is opt-in: its use is a size target met across tensors of different shapes
-and settings, not a lower KLD than the uniform rate.
+Which D and c: D_i is the *relative* weighted error of the tensor,
+sum rho_r a_c dW_rc^2 / sum rho_r a_c W_rc^2 (a_c = E[x_c^2] of its inputs when activation
+statistics exist, rho_r its row weights: the token embedding's and output head's), and c_i
+its end-to-end sensitivity, measured by the Fisher pass (eoq.sensitivity): then
+sum_i c_i D_i is the predicted KL divergence of the output, and the allocation minimises it
+("sensitivity", the default with calibration). Without that pass ("proxy", the default
+data-free) every c_i is 1: equal slope of the layers' own relative errors, which knows
+nothing of how the network amplifies an error downstream. Measured on SmolLM2-135M-
+dithered's down projections at 4 bits/weight with calibration (8 WikiText-2 windows): uniform
+KLD 0.0317, proxy with the absolute output error 0.071 (the residual stream grows with
+depth, so it poured bits into the last layers), proxy with the relative error 0.032; the
+whole-model figures of "sensitivity" are in BENCHMARKS.md.
 
 How:
   1. ``rd_curve``: each tensor is rotated once (as ecsq does) and measured at a grid of
@@ -30,14 +33,17 @@ How:
      taken in part (the curves are interpolated linearly between measured points). The
      rates then add up to the budget exactly.
   4. Each tensor is then quantized by ecsq with its rate as the ``bits`` target, which ecsq
-     meets from below (within 1e-4 relative), so the model lands on the budget from below.
+     meets from below (within 1e-4 relative on large tensors; a tiny tensor's rate moves in
+     steps), and what it leaves unspent is added to the next tensor's target
+     (eoq.convert), so the model lands on the budget from below, within 0.5 %.
 
 Traps:
   * Distortions are sums of squares whose last bits depend on how torch splits a reduction
     across threads; they are rounded to 9 significant digits so that the allocation, and so
     the output bytes, do not depend on the thread count.
-  * The weighted distortion is the layer's own output error: it does not know how much the
-    network amplifies that error downstream. It is the same proxy AWQ and GPTQ minimise.
+  * The curve's distortion is the layer's own relative output error; how much the network
+    amplifies it downstream is the coefficient's job (eoq.sensitivity), which assumes the
+    errors of different tensors add up (measured: within ~10 %, BENCHMARKS.md).
   * With AWQ the curve is measured before AWQ's scales (which depend on the rate); AWQ is
     then searched at the allocated rate.
 """
@@ -49,29 +55,30 @@ from typing import Optional
 import torch
 
 from .methods import ecsq
-from .quantized import weighted_error
 
 GRID = 40            # steps per curve: rates 0.1-0.2 bit apart between 2 and 8 bits/weight
 SIG_DIGITS = 9       # distortions are rounded to this many significant digits (thread-count proof)
 
 
-def _round(x: float) -> float:
+def round_sig(x: float) -> float:
     return float(f"{x:.{SIG_DIGITS}g}")
 
 
 def rd_curve(w: torch.Tensor, importance: Optional[torch.Tensor] = None, block_size: Optional[int] = None,
-             seed: int = 0, min_bits: float = 2.0, max_bits: float = 8.0) -> tuple[list[float], list[float]]:
+             seed: int = 0, min_bits: float = 2.0, max_bits: float = 8.0, row_importance=None,
+             row_tokens=None) -> tuple[list[float], list[float]]:
     """(rates, relative distortions) of ecsq on weight w [rows, cols] at GRID steps, clipped to
-    [min_bits, max_bits] bits/weight (end points interpolated), rates increasing."""
+    [min_bits, max_bits] bits/weight (end points interpolated), rates increasing. Row importance
+    (an embedding's or head's) is used as ecsq uses it: row steps, and rows weighted in D."""
     w = w.float()
-    p = ecsq.Problem(w, block_size, seed, importance)
+    p = ecsq.Problem(w, block_size, seed, importance, row_importance=row_importance, row_tokens=row_tokens)
     n = w.numel()
-    energy = weighted_error(w, torch.zeros_like(w), importance) or 1.0
+    energy = p.energy() or 1.0
     pts = []
     lo, hi = torch.tensor([p.lo, p.hi]).log().tolist()  # float32, as the grid itself
     for s in torch.linspace(lo, hi, GRID).exp().tolist():
         s = max(s, p.lo)
-        pts.append((p.total_bits([s], n) / n, _round(p.distortion(p.groups[0], s) / energy)))
+        pts.append((p.total_bits([s], n) / n, round_sig(p.distortion(p.groups[0], s) / energy)))
     pts.sort()
     return _clip(pts, min_bits, max_bits)
 
@@ -88,7 +95,7 @@ def _clip(pts: list[tuple[float, float]], lo: float, hi: float) -> tuple[list[fl
     for edge in (lo, hi):
         d = at(edge)
         if d is not None:
-            inside.append((edge, _round(d)))
+            inside.append((edge, round_sig(d)))
     if not inside:  # the whole curve lies outside: keep the nearest end
         inside = [min(pts, key=lambda p: min(abs(p[0] - lo), abs(p[0] - hi)))]
     inside.sort()
@@ -111,6 +118,17 @@ def lower_hull(rates: list[float], dists: list[float]) -> list[tuple[float, floa
                 break
         hull.append((r, d))
     return hull
+
+
+def hull_value(rates: list[float], dists: list[float], r: float) -> float:
+    """The distortion at rate r on the curve's lower hull (interpolated; held at the ends)."""
+    h = lower_hull(rates, dists)
+    if r <= h[0][0]:
+        return h[0][1]
+    for (r0, d0), (r1, d1) in zip(h, h[1:]):
+        if r <= r1:
+            return d0 + (d1 - d0) * (r - r0) / (r1 - r0)
+    return h[-1][1]
 
 
 def solve(curves: dict[str, tuple[int, list[float], list[float]]], budget_bits: float) -> dict[str, float]:
@@ -144,4 +162,4 @@ def solve(curves: dict[str, tuple[int, list[float], list[float]]], budget_bits: 
     return rate
 
 
-__all__ = ["rd_curve", "lower_hull", "solve"]
+__all__ = ["rd_curve", "lower_hull", "hull_value", "solve", "round_sig"]

@@ -37,13 +37,19 @@ def awq_quantize(impl, w: torch.Tensor, bits, block_size, importance: torch.Tens
                  alphas=ALPHAS, awq_rows=256, **options) -> QuantizedTensor:
     if getattr(impl, "RATE_TARGET", False) and "step" not in options and "lam" not in options:
         bits = float(bits) - 16.0 / w.shape[0]  # the fp16 AWQ scales come out of the same budget
-    sample = w
+    sample, sample_options = w, options
+    rows_w = options.get("row_importance")
     if awq_rows is not None and w.shape[0] > awq_rows:
-        sample = w[torch.linspace(0, w.shape[0] - 1, int(awq_rows)).round().long().unique()]
+        idx = torch.linspace(0, w.shape[0] - 1, int(awq_rows)).round().long().unique()
+        sample = w[idx]
+        if rows_w is not None:  # the sample's own rows keep their weights
+            rows_w = torch.as_tensor(rows_w).reshape(-1)[idx]
+            sample_options = {**options, "row_importance": rows_w}
     best_alpha, best_err = None, None
     for alpha in alphas:
         err = weighted_error(sample, _quantize_scaled(impl, sample, bits, block_size, importance, seed, name, alpha,
-                                                      options).dequantize(torch.float32), importance)
+                                                      sample_options).dequantize(torch.float32), importance,
+                             None if rows_w is None else torch.as_tensor(rows_w))
         if best_err is None or err < best_err:
             best_alpha, best_err = alpha, err
     qt = _quantize_scaled(impl, w, bits, block_size, importance, seed, name, best_alpha, options)

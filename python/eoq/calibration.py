@@ -103,15 +103,16 @@ def collect_stats(model: torch.nn.Module, sequences: Iterable[torch.Tensor],
 
 
 def self_stats(model, tokenizer, n_sequences: int, seq_len: int, seed: int = 0,
-               progress: bool = False) -> tuple[dict[str, ActStats], str]:
+               progress: bool = False) -> tuple[dict[str, ActStats], str, list[torch.Tensor]]:
     """Statistics recorded while the model samples its own calibration text (no second pass:
     every sampled token goes through every Linear once as it is generated). Returns the
-    statistics and the text."""
+    statistics, the text and the sampled token sequences (BOS first)."""
     model.eval()
+    ids: list[torch.Tensor] = []
     with recording(model) as stats:
         text = sample_text(model, tokenizer, n_sequences * seq_len, seed, chunk=seq_len, batch=n_sequences,
-                           progress=progress)
-    return stats, text
+                           progress=progress, ids_out=ids)
+    return stats, text, ids
 
 
 def save_stats(stats: dict[str, ActStats], path: Union[str, os.PathLike], source: str = "") -> None:
@@ -178,10 +179,11 @@ def load_text(source: str, model=None, tokenizer=None, n_tokens: int = 16384, se
 
 @torch.no_grad()
 def sample_text(model, tokenizer, n_tokens: int, seed: int = 0, chunk: int = 256, batch: int = 16,
-                progress: bool = False) -> str:
+                progress: bool = False, ids_out: Optional[list] = None) -> str:
     """Seeded text sampled from the model itself (temperature 1, no top-k/top-p), from BOS:
     ``batch`` sequences of ``chunk`` tokens at a time (a batch costs about what one sequence
-    does on a CPU, so this is ~batch times faster than one long sample)."""
+    does on a CPU, so this is ~batch times faster than one long sample). ``ids_out`` receives
+    the sampled token sequences."""
     from tqdm.auto import tqdm
 
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
@@ -195,6 +197,8 @@ def sample_text(model, tokenizer, n_tokens: int, seed: int = 0, chunk: int = 256
                                  do_sample=True, max_new_tokens=chunk, min_new_tokens=chunk, top_k=0, top_p=1.0,
                                  temperature=1.0, pad_token_id=bos)
             pieces += [tokenizer.decode(row[1:].tolist(), skip_special_tokens=True) for row in out]
+            if ids_out is not None:
+                ids_out += [row.clone() for row in out]
     return "\n".join(pieces)
 
 

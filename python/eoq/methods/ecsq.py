@@ -16,6 +16,19 @@ entropy (what the rANS coder reaches within ~0.1 %). Three ways to set it:
 Distortion is the squared error of the weights, importance-weighted per input channel when
 importance is given. ``group_rows=N`` gives every N rows their own step (option).
 
+Row importance (option ``row_importance``, one weight per row): an embedding row matters
+as often as its token occurs, and an output-head row as much as its token is predicted.
+Minimising sum_i rho_i D_i + lam * R at high rate gives row i the step ~ rho_i^(-1/2)
+(D_i ~ step_i^2, R_i ~ -log2 step_i), so each row gets its own step: a common step, searched
+as usual, times a fixed multiplier m_i = (rho'_i / geomean rho')^(-1/2). rho' smooths the
+weights the way counts are smoothed: rows never seen get ROW_PRIOR times the average weight
+of one calibration token (``row_tokens`` = how many tokens the weights were summed over), so
+an unseen token is treated like one seen once, not as worthless; and rho' is clipped to
+ROW_RANGE times its geometric mean either way, so the multipliers span at most
+2 * log2(ROW_RANGE) / 2 = 4 bits and the finest rows cannot push the shared 256-code
+alphabet's step floor (below) up for everybody. The per-row steps are stored (32 bits a
+row), so the dequantizer is the ``group_rows=1`` one.
+
 Theory (high rate, Gaussian): a uniform quantizer with ideal entropy coding sits
 0.254 bit/weight above the rate-distortion bound (the 1.53 dB space-filling loss); fixed-
 rate Lloyd-Max sits further above it (0.42 bit at 4 bits).
@@ -40,6 +53,8 @@ DEFAULT_BLOCK = 512
 RATE_TARGET = True  # `bits` is a coded rate that side data counts against
 GOLDEN = (math.sqrt(5) - 1) / 2
 SEARCH_ITERS = 48
+ROW_PRIOR = 1.0      # an unseen row weighs like a token seen once (additive smoothing)
+ROW_RANGE = 16.0     # row weights clipped to [gm / 16, gm * 16]: step multipliers within 4x either way
 
 
 def stream_overhead_bits(n: int, alphabet: int) -> int:
@@ -48,17 +63,39 @@ def stream_overhead_bits(n: int, alphabet: int) -> int:
     return 8 * (30 + 2 * alphabet + 4 + chunks * (8 + 128))
 
 
+def row_multipliers(row_importance: torch.Tensor, row_tokens: Optional[float] = None) -> torch.Tensor:
+    """Step multipliers m_i (float32, geometric mean 1) from per-row weights (module docstring)."""
+    rho = row_importance.double().clamp_min(0)
+    total = float(rho.sum())
+    if total <= 0:  # nothing seen at all: every row alike
+        return torch.ones(rho.numel(), dtype=torch.float32)
+    tokens = float(row_tokens) if row_tokens else float(rho.numel())
+    rho = rho + ROW_PRIOR * total / max(tokens, 1.0)
+    gm = float(rho.log().mean().exp())
+    rho = rho.clamp(gm / ROW_RANGE, gm * ROW_RANGE)
+    m = rho.pow(-0.5)
+    return (m / m.log().mean().exp()).float()
+
+
 class Problem:
     """The rotated rows of one tensor and what every trial step needs (quantize here, and the
-    rate-distortion curves of eoq.allocate)."""
+    rate-distortion curves of eoq.allocate). With row multipliers the codes are
+    round(x_i / (step * m_i)): ``x`` holds the rotated rows divided by m_i, so one step serves
+    every row, and the distortion is measured back in the weight's own scale."""
 
-    def __init__(self, w, block_size=None, seed=0, importance=None, group_rows=None):
+    def __init__(self, w, block_size=None, seed=0, importance=None, group_rows=None, row_importance=None,
+                 row_tokens=None):
         self.block, self.padded = rotation.choose_block(w.shape[1], int(block_size or DEFAULT_BLOCK))
         x = rotation.rotate(w, self.block, self.padded, seed)
-        self.w, self.x, self.seed, self.imp = w, x, seed, importance
+        self.w, self.seed, self.imp = w, seed, importance
         rows = x.shape[0]
+        self.rows_w = None if row_importance is None else row_importance.double().reshape(-1, 1)
+        self.m = None if row_importance is None else row_multipliers(row_importance, row_tokens).reshape(-1, 1)
+        self.x = x if self.m is None else x / self.m
         g = rows if not group_rows else int(group_rows)
         self.groups = [slice(r, min(rows, r + g)) for r in range(0, rows, g)]
+        self.stored_steps = rows if self.m is not None else len(self.groups)
+        x = self.x
         self.lo = max(float(x.max() - x.min()) / 254.0, 1e-30)  # q spans <= 255 steps even after rounding
         self.hi = max(2.0 * float(x.abs().max()), 2 * self.lo)  # every q = 0
 
@@ -67,20 +104,35 @@ class Problem:
 
     def distortion(self, sl, step):
         xh = self.q(sl, step) * step
+        rows_w = None if self.rows_w is None else self.rows_w[sl]
+        if self.m is not None:
+            xh = xh * self.m[sl]
+        x = self.x[sl] if self.m is None else self.x[sl] * self.m[sl]
         if self.imp is None:
-            return float((self.x[sl] - xh).double().pow(2).sum())
+            d2 = (x - xh).double().pow(2)
+            return float((d2 * rows_w).sum() if rows_w is not None else d2.sum())
         cols = self.w.shape[1]
-        return weighted_error(self.w[sl], rotation.unrotate(xh, self.block, cols, self.seed), self.imp)
+        return weighted_error(self.w[sl], rotation.unrotate(xh, self.block, cols, self.seed), self.imp, rows_w)
+
+    def energy(self):
+        """The distortion of an all-zero reconstruction (the weighted energy of w)."""
+        return weighted_error(self.w, torch.zeros_like(self.w), self.imp, self.rows_w)
 
     def codes(self, steps):
         return torch.cat([self.q(sl, s) for sl, s in zip(self.groups, steps)])
+
+    def stored(self, steps) -> torch.Tensor:
+        """The float32 steps as stored: one per group, or one per row with row multipliers."""
+        if self.m is None:
+            return torch.tensor(steps, dtype=torch.float32)
+        return (float(steps[0]) * self.m.reshape(-1)).float()
 
     def total_bits(self, steps, numel):
         q = self.codes(steps)
         qmin, qmax = int(q.min()), int(q.max())
         n = q.numel()
         h = code_entropy_bits((q - qmin).to(torch.uint8))
-        return h * n + stream_overhead_bits(n, qmax - qmin + 1) + 32 * len(steps)
+        return h * n + stream_overhead_bits(n, qmax - qmin + 1) + 32 * self.stored_steps
 
     def best_step(self, sl, lam):
         """argmin over log(step) of D + lam * R for one group (golden-section search)."""
@@ -136,7 +188,7 @@ def _solve(f, lo, hi, tol):
     return math.exp(b)
 
 
-def _meet_exactly(p: _Problem, steps, target: float):
+def _meet_exactly(p: Problem, steps, target: float):
     """Widen the steps until the real stream (not the entropy estimate) fits the target.
 
     The estimate misses the rANS coder's model error (frequencies at 2^-12 resolution),
@@ -146,7 +198,7 @@ def _meet_exactly(p: _Problem, steps, target: float):
     for _ in range(8):
         q = p.codes(steps)
         codes = (q - q.min()).to(torch.uint8).reshape(-1)
-        excess = 8 * ops.rans_encode(codes).numel() + 32 * len(steps) - target
+        excess = 8 * ops.rans_encode(codes).numel() + 32 * p.stored_steps - target
         if excess <= 0:
             break
         steps = [s * 2.0 ** (excess / q.numel() + 1e-4) for s in steps]
@@ -155,18 +207,26 @@ def _meet_exactly(p: _Problem, steps, target: float):
 
 def quantize(w: torch.Tensor, bits, block_size=None, importance=None, seed=0, name="tensor",
              step: Optional[float] = None, lam: Optional[float] = None, group_rows: Optional[int] = None,
-             **options):
+             row_importance: Optional[torch.Tensor] = None, row_tokens: Optional[float] = None, **options):
     if options:
         raise ValueError(f"{name}: ecsq takes no options {sorted(options)}")
+    if row_importance is not None:
+        if group_rows:
+            raise ValueError(f"{name}: give at most one of group_rows= and row_importance= (both set row steps)")
+        row_importance = torch.as_tensor(row_importance).detach().cpu().reshape(-1)
+        if row_importance.numel() != w.shape[0]:
+            raise ValueError(f"{name}: row_importance has {row_importance.numel()} values for {w.shape[0]} rows")
+        if not bool(torch.isfinite(row_importance).all()) or bool((row_importance < 0).any()):
+            raise ValueError(f"{name}: row_importance must be finite and non-negative")
     if step is not None and lam is not None:
         raise ValueError(f"{name}: give at most one of step= and lam=")
     if step is None and lam is None and not (0 < float(bits) <= 8):
         raise ValueError(f"{name}: ecsq bits (a target coded rate) must be in (0, 8], got {bits}")
     rows, cols = w.shape
-    p = Problem(w, block_size, seed, importance, group_rows)
+    p = Problem(w, block_size, seed, importance, group_rows, row_importance, row_tokens)
     numel = rows * cols
     block = p.block
-    meta = {"rotation_block": block, "padded_cols": p.padded, "group_rows": group_rows}
+    meta = {"rotation_block": block, "padded_cols": p.padded, "group_rows": 1 if p.m is not None else group_rows}
 
     if step is not None:
         if not step > 0:
@@ -192,6 +252,8 @@ def quantize(w: torch.Tensor, bits, block_size=None, importance=None, seed=0, na
             steps = steps_for(lam_)
             meta["lam"] = lam_
         meta["rate_limited"] = bool(p.total_bits([p.lo] * len(p.groups), numel) < target)
+        if p.m is not None:
+            meta["row_importance"] = True
         steps = _meet_exactly(p, steps, target)
 
     q = p.codes(steps)
@@ -201,7 +263,7 @@ def quantize(w: torch.Tensor, bits, block_size=None, importance=None, seed=0, na
     codes = (q - offset).to(torch.uint8)
     meta["offset"] = offset
     code_bits = max(1, math.ceil(math.log2(int(codes.max()) + 1))) if codes.numel() else 1
-    side = {"steps": torch.tensor(steps, dtype=torch.float32)}
+    side = {"steps": p.stored(steps)}
     return QuantizedTensor("ecsq", float(bits), (rows, cols), w.dtype, block, seed, codes, code_bits, side, meta)
 
 
