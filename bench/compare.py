@@ -179,7 +179,8 @@ class Runner:
                         out = self.work / ("eoq-" + part + "-" + setting.replace(" ", "-"))
                         t0 = time.perf_counter()
                         m = eoq.quantize_model(self.folder, out, cfg, stats=stats, sensitivity=sens,
-                                               overwrite=True, progress=False, verbose=False)
+                                               curve_cache=self.work / "eoq-curves", overwrite=True,
+                                               progress=False, verbose=False)
                         conv = time.perf_counter() - t0
                         if part == "whole":
                             bpw = 8 * m["totals"]["stored_bytes"] / self.n_params

@@ -22,7 +22,8 @@ SENTENCES = [
 @pytest.fixture(scope="module")
 def smollm2_eoq(tmp_path_factory):
     out = tmp_path_factory.mktemp("smol") / "q"
-    # The default: ecsq 4 bits, statistics recorded while the model samples its own text, AWQ.
+    # The default: ecsq, 4 bits per parameter of the whole model, statistics and the sensitivity
+    # pass on text the model samples itself, AWQ.
     manifest = eoq.quantize_model(testmodels.smollm2_gguf(), out, progress=False, verbose=False)
     return out, manifest
 
@@ -33,9 +34,15 @@ def test_smollm2_manifest(smollm2_eoq):
     assert m["source"]["kind"] == "gguf" and "quantization_config" not in (out / "config.json").read_text().split(
         '"quant_method": "eoq"')[0].split("quantization_config")[1:]
     assert t["lm_head.weight"]["kind"] == "tied"
-    assert sum(e["kind"] == "quantized" for e in t.values()) == 30 * 7
-    assert 3.9 < m["totals"]["bits_per_weight_quantized"] <= 4.0
+    assert sum(e["kind"] == "quantized" for e in t.values()) == 30 * 7 + 1  # + the tied embedding / head
+    assert t["model.embed_tokens.weight"]["meta"]["row_importance"]
+    assert 0.995 * 4.0 <= m["totals"]["bits_per_weight_all"] <= 4.0  # everything stored, every parameter
+    assert m["allocation"]["mode"] == "sensitivity" and m["allocation"]["predicted_kl"] > 0
     assert m["calibration"]["source"] == "self" and m["calibration"]["tokens"] == 16 * 128
+    assert m["calibration"]["sensitivity_tokens"] == 8 * 129  # BOS + 128 sampled tokens
+    assert m["source"]["name"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    # smaller than the GGUF it came from, every file of the folder counted
+    assert sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) < testmodels.smollm2_gguf().stat().st_size
     assert all("awq_scales" in e["parts"] for e in t.values() if e["kind"] == "quantized")
     assert (out / "tokenizer.json").is_file() or (out / "tokenizer_config.json").is_file()
 
@@ -77,7 +84,10 @@ def test_minilm_converts_and_embeds_like_the_base(tmp_path, minilm_text):
     cfg = eoq.QuantConfig(calibration=str(minilm_text), calib_sequences=8, calib_seq_len=64)
     m = eoq.quantize_model(folder, tmp_path / "q", cfg, progress=False, verbose=False)
     assert m["calibration"]["source"] == str(minilm_text) and m["calibration"]["tokens"] == 8 * 64
-    assert sum(e["kind"] == "quantized" for e in m["tensors"].values()) == 6 * 6 + 1  # + the pooler
+    # 6 Linear a layer, the pooler, the word and position embeddings (token types: too small)
+    assert sum(e["kind"] == "quantized" for e in m["tensors"].values()) == 6 * 6 + 3
+    assert m["tensors"]["embeddings.word_embeddings.weight"]["meta"]["row_importance"]  # token counts
+    assert m["allocation"]["mode"] == "proxy" and "no output distribution" in m["allocation"]["note"]
     assert (tmp_path / "q" / "modules.json").is_file() and (tmp_path / "q" / "1_Pooling").is_dir()
     tok = AutoTokenizer.from_pretrained(tmp_path / "q")
     base = AutoModel.from_pretrained(folder).eval()

@@ -24,8 +24,10 @@ How:
   1. ``rd_curve``: each tensor is rotated once (as ecsq does) and measured at a grid of
      uniform-quantizer steps: rate = the coded size ecsq would store (empirical entropy +
      stream overhead + side data, the same count its ``bits`` target uses), distortion =
-     squared error, weighted per input channel by E[a^2] when activation statistics exist,
-     over the same weighted energy of W. The grid is clipped to [min_bits, max_bits].
+     squared error, weighted per input channel by E[a^2] when activation statistics exist
+     (measured in the rotated domain, where the rotation has spread each row's error evenly
+     over the columns: ecsq.Problem.rate_and_spread_distortion), over the same weighted energy of W.
+     The grid is clipped to [min_bits, max_bits].
   2. ``lower_hull``: only the lower convex hull of each curve can be an equal-slope
      solution; it also makes the greedy step below exact.
   3. ``solve``: every tensor starts at its lowest rate; hull segments of all tensors, most
@@ -56,7 +58,7 @@ import torch
 
 from .methods import ecsq
 
-GRID = 40            # steps per curve: rates 0.1-0.2 bit apart between 2 and 8 bits/weight
+GRID = 24            # steps per curve: rates ~0.25 bit apart between 1.5 and 8 bits/weight
 SIG_DIGITS = 9       # distortions are rounded to this many significant digits (thread-count proof)
 
 
@@ -78,7 +80,8 @@ def rd_curve(w: torch.Tensor, importance: Optional[torch.Tensor] = None, block_s
     lo, hi = torch.tensor([p.lo, p.hi]).log().tolist()  # float32, as the grid itself
     for s in torch.linspace(lo, hi, GRID).exp().tolist():
         s = max(s, p.lo)
-        pts.append((p.total_bits([s], n) / n, round_sig(p.distortion(p.groups[0], s) / energy)))
+        bits, dist = p.rate_and_spread_distortion(s)
+        pts.append((bits / n, round_sig(dist / energy)))
     pts.sort()
     return _clip(pts, min_bits, max_bits)
 

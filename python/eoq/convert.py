@@ -180,8 +180,25 @@ def check_budget(source: Source, config: QuantConfig, plans: dict, specs: dict) 
                          f"{floor / 8 / 1e6:.3f} MB; raise the budget or lower allocation_range[0]")
 
 
+def cached_curve(folder: pathlib.Path, args: tuple) -> tuple[list[float], list[float]]:
+    """allocate.rd_curve(*args), kept in `folder` under a hash of every input (the weight, its
+    statistics, the settings, eoq's version): a budget sweep over one model measures each
+    curve once."""
+    h = hashlib.sha256(f"{_version()} {allocate.GRID} {args[2:4]} {args[4:6]} {args[7]}".encode())
+    for t in (args[0], args[1], args[6]):
+        h.update(b"-" if t is None else t.detach().float().contiguous().numpy().tobytes())
+    path = pathlib.Path(folder) / f"curve-{h.hexdigest()[:32]}.json"
+    if path.is_file():
+        return tuple(json.loads(path.read_text()))
+    curve = allocate.rd_curve(*args)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, json.dumps(curve))
+    return curve
+
+
 def allocate_rates(source: Source, config: QuantConfig, partial: "Partial", plans: dict, entries: dict,
-                   stats: Optional[dict], sens: Optional[Sensitivity], progress: bool) -> dict:
+                   stats: Optional[dict], sens: Optional[Sensitivity], progress: bool,
+                   curve_cache: Optional[pathlib.Path] = None) -> dict:
     """Per-tensor ecsq rates for the tensors the default setting quantizes, so that the whole
     folder's stored tensors meet the budget. The fixed part (passthrough tensors, protect rules,
     the marker) is already in ``entries`` with its real size. Computed once and kept in the
@@ -222,8 +239,9 @@ def allocate_rates(source: Source, config: QuantConfig, partial: "Partial", plan
             t = source.get(name)
             w = t.t() if plans[name]["role"] == "conv1d" else t
             rows_w, row_tokens = row_importance_for(source, sens, name)
-            rates_, dists = allocate.rd_curve(w, importance_for(source, stats, name), plans[name]["block_size"],
-                                              tensor_seed(config.seed, name), lo, hi, rows_w, row_tokens)
+            args = (w, importance_for(source, stats, name), plans[name]["block_size"], tensor_seed(config.seed, name),
+                    lo, hi, rows_w, row_tokens)
+            rates_, dists = cached_curve(curve_cache, args) if curve_cache else allocate.rd_curve(*args)
             c = sens.coefficient(name) if mode == "sensitivity" else 1.0
             curves[name] = (w.numel(), rates_, [allocate.round_sig(d * c) for d in dists])
         rates = allocate.solve(curves, left)
@@ -498,13 +516,15 @@ def check_settings(config: QuantConfig) -> None:
 
 def quantize_model(model_or_path, out_dir: Union[str, os.PathLike], config: Optional[QuantConfig] = None, *,
                    gguf_file: Optional[str] = None, tokenizer=None, dtype: Optional[torch.dtype] = None,
-                   stats=None, sensitivity=None, overwrite: bool = False, progress: bool = True,
-                   verbose: bool = True) -> dict:
+                   stats=None, sensitivity=None, curve_cache=None, overwrite: bool = False,
+                   progress: bool = True, verbose: bool = True) -> dict:
     """Convert a model (a PreTrainedModel, a local HF folder, a .gguf file or a hub id) into an
     eoq folder at out_dir; returns the manifest. An interrupted run resumes when called again
     with the same arguments. ``stats``: activation statistics already collected (a dict from
     eoq.calibration.collect_stats, or a file from save_stats) instead of a calibration pass;
-    ``sensitivity``: an eoq.sensitivity.Sensitivity (or its file) instead of the Fisher pass.
+    ``sensitivity``: an eoq.sensitivity.Sensitivity (or its file) instead of the Fisher pass;
+    ``curve_cache``: a folder that keeps the rate-distortion curves across conversions of the
+    same model and calibration (a sweep over budgets).
     ``progress`` shows tqdm bars, ``verbose`` prints the summary."""
     from tqdm.auto import tqdm
 
@@ -577,7 +597,8 @@ def quantize_model(model_or_path, out_dir: Union[str, os.PathLike], config: Opti
     allocation = None
     rates = None
     if config.whole_model_budget:
-        allocation = allocate_rates(source, config, partial, plans, entries, stats, sensitivity, progress)
+        allocation = allocate_rates(source, config, partial, plans, entries, stats, sensitivity, progress,
+                                    curve_cache)
         rates = allocation["rates"]
     convert([n for n in allocated if n not in entries], "quantize", rates)
 
