@@ -154,13 +154,13 @@ def main(argv=None) -> int:
             for n in rates:
                 params[n].copy_(original[n].float())
         rows.append({"allocation": label, "bits": 8 * stored / weights, "predicted_kl": predicted, "measured_kl": kl})
-        print(f"  {label:<12} {8 * stored / weights:.3f} bits/weight  predicted KL {predicted:.4f}  measured {kl:.4f}"
+        print(f"  {label:<12} {8 * stored / weights:.3f} bits/weight  predicted KL {predicted:.4g}  measured {kl:.4g}"
               f"  ratio {kl / predicted:.2f}", flush=True)
     report["allocations"] = rows
     print("\n| allocation | bits/weight (quantized tensors) | predicted KL | measured KL | measured / predicted |")
     print("|---|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['allocation']} | {r['bits']:.3f} | {r['predicted_kl']:.4f} | {r['measured_kl']:.4f} | "
+        print(f"| {r['allocation']} | {r['bits']:.3f} | {r['predicted_kl']:.4g} | {r['measured_kl']:.4g} | "
               f"{r['measured_kl'] / r['predicted_kl']:.2f} |")
     if a.json:
         pathlib.Path(a.json).write_text(json.dumps(report, indent=2))

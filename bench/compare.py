@@ -4,7 +4,8 @@
     python bench/compare.py --text WIKI.test.raw --calib CALIB.txt [--model dithered|gguf|HF_FOLDER]
         [--parts whole,down] [--eoq-methods ecsq,absmax,polar,turbo] [--eoq-bits 2,3,4,5,6]
         [--llama-types Q8_0,Q6_K,...] [--no-eoq] [--no-llamacpp] [--n-ctx 512] [--max-windows 16]
-        [--eoq-allocation uniform,global] [--eoq-quantize-embeddings] [--threads N]
+        [--eoq-allocation sensitivity,proxy,uniform] [--eoq-calibration calib,self,none]
+        [--eoq-keep-embeddings] [--llama-calibration none,imatrix] [--threads N]
         [--workdir DIR] [--json PATH] [--plot DIR]
     python bench/compare.py --from-json RUN1.json,RUN2.json [--json MERGED.json] [--plot DIR]
 
@@ -13,15 +14,19 @@ the honest case); ``gguf`` is the original Q4_1 GGUF's weights (dequantized, sav
 folder: a grid that flatters block-32 codes); any other value is a local HF folder.
 
 Systems, each with and without calibration on the **same** ``--calib`` text:
-  * eoq: every method x bits; "calibrated" = activation statistics of the calib text
-    (importance + AWQ scales), collected once and shared by all eoq runs;
+  * eoq: every method x bits (ecsq: bits per parameter of the whole model) x allocation;
+    "calibrated" (calib) = activation statistics and the sensitivity pass on the calib text
+    (importance, AWQ scales, Fisher coefficients), "self" = the same on text the model samples
+    itself (eoq's default: no data), "none" = data-free; each measured once and shared by all
+    eoq runs, and so are the rate-distortion curves (quantize_model's curve_cache);
   * llama.cpp (built from the sources vendored in llama-cpp-python==0.3.36, bench/llamacpp.py):
     ``llama-quantize`` types from an F16 GGUF that the vendored convert_hf_to_gguf.py makes
     from the same HF folder; "calibrated" = an imatrix from ``llama-imatrix`` on the calib text.
 
 Parts: (a) ``whole``: the model as each tool makes it (llama.cpp falls back to legacy types
-where rows are not a multiple of 256: all SmolLM2 tensors but ffn_down); bits/weight = GGUF
-file size or the eoq folder's total size (manifest and index included) over all parameters.
+where rows are not a multiple of 256: all SmolLM2 tensors but ffn_down); bits/weight = the
+bytes of every tensor the GGUF file or the eoq folder's safetensors store, over all
+parameters (each file's other contents, tokenizer and metadata, are left out for both).
 (b) ``down``: only the down projections (width 1536, where every K/I type applies)
 quantized, everything else left in 16 bits (llama.cpp: F16 base type with
 ``--tensor-type ffn_down=TYPE``; eoq: a protect rule keeping every other tensor as is);
@@ -81,6 +86,13 @@ def tokens(folder: pathlib.Path, text_path: str):
     ids = tok(read_text(text_path), add_special_tokens=False)["input_ids"]
     bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     return torch.tensor([bos] + ids), bos, tok
+
+
+def gguf_tensor_bytes(path: pathlib.Path) -> int:
+    """The bytes of a GGUF file's tensors (the file also holds its metadata: tokenizer, settings)."""
+    from gguf import GGUFReader
+
+    return sum(int(t.n_bytes) for t in GGUFReader(str(path)).tensors)
 
 
 def down_bits_gguf(path: pathlib.Path) -> tuple[int, int]:
@@ -221,9 +233,9 @@ class Runner:
                 for calibrated in self.a.llama_calibration:
                     out = self.work / f"llama-{part}-{qtype}-{'imat' if calibrated else 'noimat'}.gguf"
                     try:
-                        if part == "whole":
+                        if part == "whole":  # the tensors' bytes, as for eoq (the file adds its tokenizer)
                             llamacpp.quantize(f16, out, qtype, imatrix=imat if calibrated else None, threads=self.a.threads)
-                            bpw = 8 * out.stat().st_size / self.n_params
+                            bpw = 8 * gguf_tensor_bytes(out) / self.n_params
                         else:
                             llamacpp.quantize(f16, out, "F16", imatrix=imat if calibrated else None,
                                               tensor_types={"ffn_down": qtype}, threads=self.a.threads)
@@ -314,6 +326,16 @@ def interp_log(xs: list[float], ys: list[float], x: float) -> Optional[float]:
     return None
 
 
+def bits_at(curve: list[tuple[float, float]], kld: float) -> Optional[float]:
+    """The bits/weight at which a measured (bits, KLD) curve reaches `kld`: KLD falls with bits,
+    so bits are interpolated over log(KLD) between the neighbouring settings (None outside)."""
+    for (x0, y0), (x1, y1) in zip(curve, curve[1:]):
+        if min(y0, y1) <= kld <= max(y0, y1) and y0 != y1:
+            t = (math.log(kld) - math.log(y0)) / (math.log(y1) - math.log(y0))
+            return x0 + t * (x1 - x0)
+    return None
+
+
 def verdict(rows: list[dict], part: str = "down", method: str = "ecsq") -> str:
     """``method`` names an eoq curve (curve_name): "ecsq", or "ecsq global"."""
     """eoq (calibrated ``method``) against each llama.cpp type (imatrix) at the type's bits/weight.
@@ -329,7 +351,7 @@ def verdict(rows: list[dict], part: str = "down", method: str = "ecsq") -> str:
         return ""
     xs, ys = [c[0] for c in curve], [c[1] for c in curve]
     lines = [f"| llama.cpp type (imatrix) | bits/weight | its mean KLD | eoq {method} (calibrated) KLD at that bits/weight"
-             " | ratio (llama.cpp / eoq) |", "|---|---:|---:|---:|---:|"]
+             " | ratio (llama.cpp / eoq) | eoq reaches its KLD at bits/weight |", "|---|---:|---:|---:|---:|---:|"]
     seen = set()
     for r in peers:
         key = (round(r["bpw"], 4), round(r["kld"], 6))  # Q4_K_M and Q4_K_S are one type in part (b)
@@ -337,20 +359,16 @@ def verdict(rows: list[dict], part: str = "down", method: str = "ecsq") -> str:
             continue
         seen.add(key)
         e = interp_log(xs, ys, r["bpw"])
+        b = bits_at(curve, r["kld"])
         lines.append(f"| {r['setting']} | {r['bpw']:.3f} | {r['kld']:.5f} | "
-                     + (f"{e:.5f} | {r['kld'] / e:.2f}x |" if e else "outside eoq's range | |"))
+                     + (f"{e:.5f} | {r['kld'] / e:.2f}x |" if e else "outside eoq's range | |")
+                     + (f" {b:.2f} ({b / r['bpw']:.2f}x) |" if b else " outside eoq's range |"))
     # Q4_K: in part (b) the one type; in part (a) the Q4_K_M mix, llama.cpp's usual 4-bit choice
     q4k = sorted((r for r in peers if r["setting"] in ("Q4_K_M", "Q4_K", "Q4_K_S")),
                  key=lambda r: ("Q4_K_M", "Q4_K", "Q4_K_S").index(r["setting"]))
     if q4k:
         target = q4k[0]["kld"]
-        # inverse: KLD falls with bits, so interpolate bits over -log(KLD)
-        b = None
-        for (x0, y0), (x1, y1) in zip(curve, curve[1:]):
-            if min(y0, y1) <= target <= max(y0, y1) and y0 != y1:
-                t = (math.log(target) - math.log(y0)) / (math.log(y1) - math.log(y0))
-                b = x0 + t * (x1 - x0)
-                break
+        b = bits_at(curve, target)
         lines.append("")
         lines.append(f"{q4k[0]['setting']} (imatrix) in part ({part}): {q4k[0]['bpw']:.3f} bits/weight, mean KLD {target:.5f}; "
                      + (f"eoq {method} (calibrated) reaches that KLD at {b:.2f} bits/weight." if b else

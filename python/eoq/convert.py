@@ -554,7 +554,7 @@ def quantize_model(model_or_path, out_dir: Union[str, os.PathLike], config: Opti
                  "tokens": max((s.count for s in stats.values()), default=0)}
     if isinstance(sensitivity, (str, os.PathLike)):
         sensitivity = Sensitivity.load(sensitivity)
-    if not config.data_free and (stats is None or sensitivity is None):
+    if not config.data_free and (stats is None or sensitivity is None and config.allocation == "sensitivity"):
         stats, info, sensitivity = calibrate(source, config, partial.root, progress, stats, sensitivity)
         calib = calib or info
     if calib is not None and sensitivity is not None:
