@@ -322,7 +322,8 @@ def calibrate(source: Source, config: QuantConfig, root: pathlib.Path, progress:
 
     path, info_path = root / "calib_stats.safetensors", root / "calib_info.json"
     sens_path = root / "sensitivity.safetensors"
-    want_sens = sens is None and config.allocation == "sensitivity" or sens is None and bool(source.vocab)
+    # the Fisher pass for a sensitivity allocation; token counts for the vocabulary rows either way
+    want_sens = sens is None and (config.allocation == "sensitivity" or bool(source.vocab))
     if info_path.is_file() and (stats is not None or path.is_file()) and (not want_sens or sens_path.is_file()):
         info = json.loads(info_path.read_text())
         return (stats if stats is not None else cal.load_stats(path) if path.is_file() else None), info, \
