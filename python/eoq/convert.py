@@ -614,6 +614,7 @@ def quantize_model(model_or_path, out_dir: Union[str, os.PathLike], config: Opti
                 "config": config.to_dict(), "source": source.describe(), "calibration": calib, "marker": marker,
                 "allocation": allocation and {k: v for k, v in allocation.items() if k != "rates"},
                 "tensors": dict(sorted(entries.items())), "totals": totals(entries, stored_total)}
+    repo.seal(manifest)
     atomic_write(dest / repo.MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
     write_config(dest, source, config, entries)
     source.save_extras(dest)

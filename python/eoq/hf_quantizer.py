@@ -11,6 +11,18 @@ with ordinary Linear layers.
 The recipe of each parameter comes from ``quant_manifest.json`` next to the weights
 (fetched from the hub with the weights when the folder is remote). The marker tensor
 (docs/FORMAT.md) is routed to the same converter and ignored.
+
+Integrity: before transformers reads a weight, ``preprocess_model`` opens the folder with
+eoq.folder (manifest validated, names confined, every stored tensor and checksum verified,
+passthrough tensors included, which transformers then loads as they are) and checks that
+every parameter of the model has an entry, so none is left at its random initialisation.
+
+Errors: transformers catches every exception raised inside a converter and replaces it by a
+generic "We encountered some issues during automatic conversion" RuntimeError, the real
+message going to a log. So a converter that fails records its FormatError and hands back an
+empty placeholder; transformers, seeing the placeholder's shape differ from the parameter's,
+asks ``param_needs_quantization``, which raises the recorded error itself, out of
+``from_pretrained``, message intact.
 """
 
 from __future__ import annotations
@@ -54,17 +66,25 @@ class EoqDequantize(ConversionOps):
         return EoqDequantize(self.hf_quantizer)
 
     def convert(self, input_dict: dict, model=None, full_layer_name: Optional[str] = None, **kwargs):
-        name, entry = self.hf_quantizer.entry_for(full_layer_name)
-        parts = {}
-        for pattern, tensors in input_dict.items():
-            part = pattern.rpartition(".")[2]
-            if part in SIDE_PARTS:
-                parts[part] = tensors[0] if isinstance(tensors, list) else tensors
-        dtype = None
-        if model is not None:
-            module_name, _, attr = full_layer_name.rpartition(".")
-            dtype = getattr(model.get_submodule(module_name), attr).dtype
-        return {full_layer_name: repo.dequantize_entry(name, entry, parts, dtype)}
+        q = self.hf_quantizer
+        try:
+            name, entry = q.entry_for(full_layer_name)
+            parts = {}
+            for pattern, tensors in input_dict.items():
+                part = pattern.rpartition(".")[2]
+                if part in SIDE_PARTS:
+                    parts[part] = tensors[0] if isinstance(tensors, list) else tensors
+            dtype = None
+            if model is not None:
+                module_name, _, attr = full_layer_name.rpartition(".")
+                dtype = getattr(model.get_submodule(module_name), attr).dtype
+            return {full_layer_name: repo.dequantize_entry(name, entry, parts, dtype, verified=q.verified)}
+        except Exception as e:  # surfaced by param_needs_quantization (module docstring)
+            where = os.path.join(q.folder, entry["file"]) if "entry" in locals() else q.folder
+            e = repo.FormatError(f"{where}: {e}" if isinstance(e, repo.FormatError) else
+                                 f"{where}: {full_layer_name}: cannot load ({type(e).__name__}: {e})")
+            q.pending_error = q.pending_error or e
+            return {full_layer_name: torch.empty(0)}
 
 
 class EoqHfQuantizer(HfQuantizer):
@@ -74,38 +94,71 @@ class EoqHfQuantizer(HfQuantizer):
     def __init__(self, quantization_config, **kwargs):
         super().__init__(quantization_config, **kwargs)
         self.manifest: Optional[dict] = None
+        self.verified = False
+        self.folder = ""
+        self.pending_error: Optional[Exception] = None
+        self._names: dict[str, str] = {}
 
     def validate_environment(self, *args, **kwargs):
         version = getattr(self.quantization_config, "format_version", None)
         if version != repo.FORMAT_VERSION:
-            raise ValueError(f"this eoq folder has format version {version!r}; this eoq reads version "
-                             f"{repo.FORMAT_VERSION}: upgrade eoq")
+            raise repo.FormatError(f"this eoq folder has format version {version!r}; this eoq reads version "
+                                   f"{repo.FORMAT_VERSION}: convert the model again with this eoq, or use the "
+                                   "eoq that wrote it")
 
     def preprocess_model(self, model, dtype=None, checkpoint_files=None, **kwargs):
-        self.manifest = self._read_manifest(model, checkpoint_files)
+        from .folder import Folder
+
+        self.folder = self._folder(model, checkpoint_files)
+        folder = Folder(self.folder)
+        folder.verify()
+        folder.close()
+        self.manifest, self.verified, self.pending_error = folder.manifest, True, None
+        self._names = self._name_map(model)
         return super().preprocess_model(model, dtype=dtype, **kwargs)
 
-    def _read_manifest(self, model, checkpoint_files) -> dict:
+    @staticmethod
+    def _folder(model, checkpoint_files) -> str:
         if checkpoint_files:
             folder = os.path.dirname(checkpoint_files[0])
             if os.path.isfile(os.path.join(folder, repo.MANIFEST)):
-                return repo.read_manifest(folder)
+                return folder
         from transformers.utils import cached_file
 
         path = cached_file(model.config.name_or_path, repo.MANIFEST, _raise_exceptions_for_missing_entries=False)
         if path is None:
             raise repo.FormatError(f"{model.config.name_or_path}: {repo.MANIFEST} is missing next to the weights")
-        return repo.read_manifest(os.path.dirname(path))
+        return os.path.dirname(path)
+
+    def _name_map(self, model) -> dict[str, str]:
+        """model state_dict key -> manifest name (tolerating a base-model prefix difference);
+        a key no entry covers would keep its random initialisation: an error."""
+        tensors = self.manifest["tensors"]
+        out = {}
+        for key in model.state_dict():
+            if key in tensors:
+                out[key] = key
+                continue
+            found = [n for n in tensors if n.endswith("." + key) or key.endswith("." + n)]
+            if len(found) != 1:
+                raise repo.FormatError(f"{model.config.name_or_path}: the model's parameter {key!r} has "
+                                       f"{'no entry' if not found else 'several entries'} in {repo.MANIFEST}; "
+                                       "it would not be loaded from the folder")
+            out[key] = found[0]
+        return out
 
     def entry_for(self, param: str) -> tuple[str, dict]:
-        """The manifest entry of a model parameter (tolerating a base-model prefix difference)."""
-        tensors = self.manifest["tensors"]
-        if param in tensors:
-            return param, tensors[param]
-        for name in tensors:
-            if name.endswith("." + param) or param.endswith("." + name):
-                return name, tensors[name]
-        raise repo.FormatError(f"{param}: quantized parts found but the manifest has no entry for it")
+        """The manifest entry of a model parameter."""
+        name = self._names.get(param)
+        if name is None:
+            raise repo.FormatError(f"{param}: quantized parts found but the manifest has no entry for it")
+        return name, self.manifest["tensors"][name]
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        if self.pending_error is not None:  # a converter failed: raise its error here (module docstring)
+            error, self.pending_error = self.pending_error, None
+            raise error
+        return False
 
     def get_weight_conversions(self):
         return [WeightConverter(self.serialized_names["weight"], "weight", [EoqDequantize(self)])]

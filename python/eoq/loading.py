@@ -41,28 +41,20 @@ def load_quantized(path: Union[str, os.PathLike], dtype: Optional[torch.dtype] =
 
 def read_state_dict(path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None,
                     names: Optional[list[str]] = None) -> dict[str, torch.Tensor]:
-    """Every stored parameter of an eoq folder, verified and dequantized (tied ones omitted)."""
-    from safetensors import safe_open
+    """Every stored parameter of an eoq folder, verified and dequantized (tied ones omitted).
+    The whole folder is checked (structure, every checksum) before anything is decoded."""
+    from .folder import Folder
 
-    manifest = repo.read_manifest(path)
-    files = repo.weight_files(path)
-    handles = {}
+    folder = Folder(path)
+    tensors = folder.manifest["tensors"]
+    if names is not None:
+        unknown = sorted(set(names) - set(tensors))
+        if unknown:
+            raise KeyError(f"{path}: no tensor {unknown[0]!r} in the manifest")
+    folder.verify(None if names is None else [n for n in names if tensors[n]["kind"] != "tied"])
     out = {}
-    for name, entry in manifest["tensors"].items():
-        if entry["kind"] == "tied" or (names is not None and name not in names):
-            continue
-        keys = [f"{name}.{p}" for p in entry["parts"]] if repo.is_quantized(entry) else [name]
-        parts = {}
-        for key in keys:
-            if key not in files:
-                raise repo.FormatError(f"{path}: tensor {key!r} of {name} is missing from the weights")
-            file = files[key]
-            try:
-                if file not in handles:
-                    handles[file] = safe_open(file, "pt")
-                t = handles[file].get_tensor(key)
-            except Exception as e:
-                raise repo.FormatError(f"{file}: cannot read {key!r} ({e})") from e
-            parts[key[len(name) + 1:] if repo.is_quantized(entry) else "tensor"] = t
-        out[name] = repo.dequantize_entry(name, entry, parts, dtype)
+    for name in sorted(tensors) if names is None else names:
+        if tensors[name]["kind"] != "tied":
+            out[name] = folder.dequantize(name, dtype)
+    folder.close()
     return out

@@ -13,26 +13,23 @@ import json
 import math
 import os
 import pathlib
-import zlib
 from typing import Optional
 
 import torch
 
 from . import ops
-from .errors import CorruptStreamError
+from .errors import CorruptStreamError, FormatError
 from .quantized import QuantizedTensor, code_entropy_bits
 
 FORMAT = "eoq"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "quant_manifest.json"
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 MARKER_TEXT = "eoq-quantized weights: `import eoq` before from_pretrained, or use load_quantized.py"
 QUANTIZED_KINDS = ("quantized", "protected")
-
-
-class FormatError(ValueError):
-    """A quantized folder that is missing, damaged, or disagrees with its manifest."""
+MAX_MANIFEST_BYTES = 256 << 20
+MAX_WEIGHT = 1e37  # the largest weight magnitude side tensors may imply (float32 tops out at 3.4e38)  # a manifest is ~1 KB a tensor; refuse to parse a bomb
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -54,19 +51,6 @@ def entry_itemsize(entry: dict) -> int:
     return torch.empty(0, dtype=dtype_from_name(entry["dtype"], "entry")).element_size()
 
 
-def tensor_bytes(t: torch.Tensor) -> bytes:
-    """The little-endian bytes safetensors stores for t."""
-    t = t.detach().cpu().contiguous()
-    return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-
-
-def checksum(tensors: list[torch.Tensor]) -> str:
-    crc = 0
-    for t in tensors:
-        crc = zlib.crc32(tensor_bytes(t), crc)
-    return f"crc32:{crc & 0xFFFFFFFF:08x}"
-
-
 def part_order(parts: dict) -> list[str]:
     """codes first, then the side parts by name: the order the checksum covers."""
     return (["codes"] if "codes" in parts else []) + sorted(p for p in parts if p != "codes")
@@ -74,6 +58,58 @@ def part_order(parts: dict) -> list[str]:
 
 def is_quantized(entry: dict) -> bool:
     return entry.get("kind") in QUANTIZED_KINDS and "method" in entry
+
+
+# ---- checksums -----------------------------------------------------------------------------
+#
+# An entry's checksum covers what it stores *and* how it is read: CRC-32C over the stored
+# tensors' bytes (parts in part_order), continued over the canonical JSON of the entry itself
+# without its checksum (its recipe: method, shapes, offset, seed, rotation block, ...). A
+# changed byte or a changed field both fail it. The manifest's own checksum covers the list
+# of entries and the marker, so an entry removed together with its tensors fails too. CRC-32C
+# finds damage, not forgery: a folder's author can always write consistent lies, and for
+# those the reader's validation (eoq.validate) keeps every length and shape in bounds.
+
+
+def canonical_json(obj, where: str) -> bytes:
+    try:
+        return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+    except (TypeError, ValueError) as e:
+        raise FormatError(f"{where}: not canonical JSON ({e})") from e
+
+
+def crc32c_bytes(data: bytes, value: int = 0) -> int:
+    return ops.crc32c(torch.frombuffer(bytearray(data), dtype=torch.uint8), value) if data else value
+
+
+def data_crc(tensors: list[torch.Tensor]) -> int:
+    crc = 0
+    for t in tensors:
+        crc = ops.crc32c_tensor(t, crc)
+    return crc
+
+
+def entry_checksum(name: str, entry: dict, crc: int) -> str:
+    """The checksum of entry `name` whose stored bytes have CRC-32C `crc` (0 when nothing is
+    stored): `crc` continued over the canonical JSON of [name, the entry without its checksum]."""
+    recipe = [name, {k: v for k, v in entry.items() if k != "checksum"}]
+    return f"crc32c:{crc32c_bytes(canonical_json(recipe, name), crc):08x}"
+
+
+def manifest_checksum(manifest: dict, where: str = "manifest") -> str:
+    listing = {"marker": manifest.get("marker"),
+               "tensors": {n: e.get("checksum") if isinstance(e, dict) else None
+                           for n, e in manifest["tensors"].items()}}
+    return f"crc32c:{crc32c_bytes(canonical_json(listing, where)):08x}"
+
+
+def seal(manifest: dict) -> None:
+    """Give every entry its final checksum (from the data CRC it carries while being built,
+    ``data_crc32c``) and the manifest its own; the writer's last step."""
+    for name, e in manifest["tensors"].items():
+        crc = e.pop("data_crc32c", 0)
+        e["checksum"] = entry_checksum(name, e, crc)
+    manifest["checksum"] = manifest_checksum(manifest)
 
 
 # ---- writing -------------------------------------------------------------------------------
@@ -102,7 +138,7 @@ def quantized_entry(qt: QuantizedTensor, codec: str, kind: str, transposed: bool
         "parts": {k: {"dtype": dtype_name(t.dtype), "shape": list(t.shape)} for k, t in parts.items()},
         "meta": qt.meta, "code_entropy": round(code_entropy_bits(qt.codes), 6), "stored_bytes": stored,
         "bits_per_weight": round(8.0 * stored / (rows * cols), 6),
-        "checksum": checksum([parts[p] for p in part_order(parts)]),
+        "data_crc32c": data_crc([parts[p] for p in part_order(parts)]),
     }
     if rule is not None:
         entry["rule"] = rule
@@ -111,7 +147,7 @@ def quantized_entry(qt: QuantizedTensor, codec: str, kind: str, transposed: bool
 
 def plain_entry(t: torch.Tensor, kind: str, reason: Optional[str] = None, rule: Optional[str] = None) -> dict:
     entry = {"kind": kind, "shape": list(t.shape), "dtype": dtype_name(t.dtype),
-             "stored_bytes": t.numel() * t.element_size(), "checksum": checksum([t])}
+             "stored_bytes": t.numel() * t.element_size(), "data_crc32c": data_crc([t])}
     if reason:
         entry["reason"] = reason
     if rule:
@@ -123,72 +159,96 @@ def plain_entry(t: torch.Tensor, kind: str, reason: Optional[str] = None, rule: 
 
 
 def read_manifest(path: os.PathLike) -> dict:
+    """The manifest of a folder, every field validated (eoq.validate) and its own checksum
+    checked; entries' checksums are checked against the bytes by eoq.folder."""
+    from .validate import validate_manifest
+
     folder = pathlib.Path(path)
     file = folder / MANIFEST
     if not file.is_file():
         raise FormatError(f"{folder}: no {MANIFEST}; not an eoq-quantized folder")
     try:
-        manifest = json.loads(file.read_text())
-    except (OSError, ValueError) as e:
-        raise FormatError(f"{file}: unreadable or not JSON ({e})") from e
+        size = file.stat().st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise FormatError(f"{file}: {size} bytes, more than any manifest ({MAX_MANIFEST_BYTES}); refusing to parse")
+        manifest = json.loads(file.read_bytes())
+    except (OSError, ValueError, RecursionError) as e:
+        if isinstance(e, FormatError):
+            raise
+        raise FormatError(f"{file}: unreadable or not JSON ({type(e).__name__}: {e})") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise FormatError(f"{file}: not an eoq manifest (format {manifest.get('format') if isinstance(manifest, dict) else None!r})")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise FormatError(f"{file}: format version {manifest.get('format_version')!r} is not supported by this eoq "
-                          f"(it reads version {FORMAT_VERSION}); upgrade eoq")
-    if not isinstance(manifest.get("tensors"), dict):
-        raise FormatError(f"{file}: no 'tensors' table")
+                          f"(it reads version {FORMAT_VERSION}); convert the model again with this eoq, or use "
+                          "the eoq that wrote it")
+    validate_manifest(manifest, str(file))
+    got = manifest_checksum(manifest, str(file))
+    if got != manifest["checksum"]:
+        raise FormatError(f"{file}: manifest checksum mismatch (its entries give {got}, it says "
+                          f"{manifest['checksum']}): an entry was added, removed or changed")
     return manifest
 
 
-def weight_files(folder: os.PathLike) -> dict[str, str]:
-    """tensor name -> safetensors file, from the index or the single file."""
-    folder = pathlib.Path(folder)
-    if (folder / INDEX).is_file():
-        try:
-            index = json.loads((folder / INDEX).read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise FormatError(f"{folder / INDEX}: unreadable shard index ({e})") from e
-        files = {k: str(folder / v) for k, v in index.items()}
-        for f in sorted(set(files.values())):
-            if not os.path.isfile(f):
-                raise FormatError(f"{folder / INDEX} names {os.path.basename(f)}, which is missing")
-        return files
-    single = folder / WEIGHTS
-    if not single.is_file():
-        raise FormatError(f"{folder}: neither {WEIGHTS} nor {INDEX} is present")
-    from safetensors import safe_open
-    try:
-        with safe_open(str(single), "pt") as f:
-            return {k: str(single) for k in f.keys()}
-    except Exception as e:
-        raise FormatError(f"{single}: not a readable safetensors file ({e})") from e
+def stored_keys(name: str, entry: dict) -> dict[str, str]:
+    """{part: safetensors key} of a stored entry ("tensor" for an unquantized one)."""
+    if is_quantized(entry):
+        return {p: f"{name}.{p}" for p in entry["parts"]}
+    return {"tensor": name}
 
 
-def check_part(name: str, part: str, t: torch.Tensor, spec: dict) -> None:
-    want_dtype = dtype_from_name(spec["dtype"], f"{name}.{part}")
-    if t.dtype != want_dtype or list(t.shape) != list(spec["shape"]):
-        raise FormatError(f"{name}.{part}: stored as {dtype_name(t.dtype)} {list(t.shape)}, the manifest says "
-                          f"{spec['dtype']} {spec['shape']}")
+def check_side(name: str, entry: dict, parts: dict[str, torch.Tensor]) -> None:
+    """Side tensors must be finite (and steps / AWQ scales positive): a NaN step would
+    otherwise turn every weight of a row into NaN without a word."""
+    for part, t in parts.items():
+        if part == "codes" or not t.is_floating_point():
+            continue
+        bad = ~torch.isfinite(t)
+        if part in ("steps", "awq_scales"):
+            bad |= t <= 0
+        if bool(bad.any()):
+            i = int(bad.reshape(-1).nonzero()[0])
+            raise FormatError(f"{name}.{part}: value {float(t.reshape(-1)[i])} at index {i} is not "
+                              f"{'finite and positive' if part in ('steps', 'awq_scales') else 'finite'}")
+    # Finite sides can still overflow: a step of 1e38 times a code of 100 is inf. Bound the
+    # largest weight they can give (an orthonormal inverse rotation grows a value by at most
+    # sqrt(block)) and refuse what float32 cannot hold; real weights are below 1e4.
+    meta = entry["meta"]
+    if entry["method"] == "absmax":
+        return
+    if entry["method"] == "ecsq":
+        code = max(abs(meta["offset"]), abs(meta["offset"] + 255))
+        scale = float(parts["steps"].abs().max())
+    else:
+        code = float(parts["codebook"].abs().max())
+        scale = float(parts["scales"].float().abs().max()) if parts["scales"].numel() else 0.0
+    bound = code * scale * math.sqrt(meta["rotation_block"])
+    if "awq_scales" in parts:
+        bound /= float(parts["awq_scales"].float().min())
+    if not bound < MAX_WEIGHT:
+        raise FormatError(f"{name}: its steps / scales give weights up to {bound:.3g}, beyond float32's range")
 
 
 def verify(name: str, entry: dict, parts: dict[str, torch.Tensor]) -> None:
-    """Every part the manifest lists is there with its dtype and shape, and the checksum holds."""
+    """Every part the manifest lists is there with its dtype and shape, the side tensors are
+    finite, and the checksum (bytes and recipe) holds."""
+    keys = stored_keys(name, entry)
+    missing = sorted(set(keys) - set(parts))
+    if missing:
+        raise FormatError(f"{name}: stored parts {missing} are missing")
+    specs = entry["parts"] if is_quantized(entry) else {"tensor": entry}
+    for part in keys:
+        t, spec = parts[part], specs[part]
+        if dtype_name(t.dtype) != spec["dtype"] or list(t.shape) != list(spec["shape"]):
+            raise FormatError(f"{name}.{part}: stored as {dtype_name(t.dtype)} {list(t.shape)}, the manifest says "
+                              f"{spec['dtype']} {spec['shape']}")
+    order = part_order(keys) if is_quantized(entry) else ["tensor"]
+    got = entry_checksum(name, entry, data_crc([parts[p] for p in order]))
+    if got != entry["checksum"]:
+        raise FormatError(f"{name}: checksum mismatch (the stored bytes and recipe give {got}, the manifest says "
+                          f"{entry['checksum']}); the file or the manifest is damaged")
     if is_quantized(entry):
-        specs = entry["parts"]
-        missing = sorted(set(specs) - set(parts))
-        if missing:
-            raise FormatError(f"{name}: stored parts {missing} are missing")
-        for part, spec in specs.items():
-            check_part(name, part, parts[part], spec)
-        tensors = [parts[p] for p in part_order(specs)]
-    else:
-        check_part(name, "tensor", parts["tensor"], entry)
-        tensors = [parts["tensor"]]
-    got = checksum(tensors)
-    if got != entry.get("checksum"):
-        raise FormatError(f"{name}: checksum mismatch (stored bytes give {got}, the manifest says "
-                          f"{entry.get('checksum')}); the file is damaged")
+        check_side(name, entry, parts)
 
 
 def decode_codes(name: str, entry: dict, stream: torch.Tensor) -> torch.Tensor:
@@ -196,6 +256,9 @@ def decode_codes(name: str, entry: dict, stream: torch.Tensor) -> torch.Tensor:
     n = math.prod(shape)
     try:
         if entry["codec"] == "rans":
+            declared = int(ops.rans_info(stream)["n_symbols"])
+            if declared != n:  # checked before decoding: a few bytes may declare 2^36 symbols
+                raise FormatError(f"{name}.codes: the stream holds {declared} codes, the manifest says {shape}")
             codes = ops.rans_decode(stream)
         elif entry["codec"] == "packed":
             codes = ops.unpack_bits(stream, int(entry["code_bits"]), n)
@@ -207,8 +270,6 @@ def decode_codes(name: str, entry: dict, stream: torch.Tensor) -> torch.Tensor:
         if isinstance(e, FormatError):
             raise
         raise FormatError(f"{name}.codes: {e}") from e
-    if codes.numel() != n:
-        raise FormatError(f"{name}.codes: decodes to {codes.numel()} codes, the manifest says {shape}")
     return codes.view(shape)
 
 
@@ -221,19 +282,26 @@ def to_quantized_tensor(name: str, entry: dict, parts: dict[str, torch.Tensor]) 
 
 
 def dequantize_entry(name: str, entry: dict, parts: dict[str, torch.Tensor],
-                     dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """Verify and decode one stored parameter (any kind but tied) into its tensor."""
-    verify(name, entry, parts)
+                     dtype: Optional[torch.dtype] = None, verified: bool = False) -> torch.Tensor:
+    """Decode one stored parameter (any kind but tied) into its tensor. The entry must come
+    from read_manifest (validated); its parts are verified here unless the caller already did
+    (``verified``: eoq.folder checks every checksum of a folder before anything is decoded)."""
+    if not verified:
+        verify(name, entry, parts)
     if not is_quantized(entry):
         t = parts["tensor"]
         return t.to(dtype) if dtype is not None and t.is_floating_point() else t
-    from .methods import METHODS
-    if entry["method"] not in METHODS:
-        raise FormatError(f"{name}: unknown method {entry['method']!r}")
     try:
         w = to_quantized_tensor(name, entry, parts).dequantize(dtype)
     except FormatError:
         raise
-    except (ValueError, KeyError, RuntimeError) as e:
+    except (ValueError, KeyError, RuntimeError, IndexError) as e:
         raise FormatError(f"{name}: cannot dequantize ({type(e).__name__}: {e})") from e
     return w.t().contiguous() if entry.get("transposed") else w
+
+
+def weight_files(folder: os.PathLike) -> dict[str, str]:
+    """tensor name -> safetensors file of a folder (eoq.folder.weight_files: names confined)."""
+    from .folder import weight_files as files
+
+    return files(folder)
