@@ -6,7 +6,12 @@
 
 namespace eoq {
 
-inline uint64_t packed_size(uint64_t n, int k) { return (n * static_cast<uint64_t>(k) + 7) / 8; }
+// ceil(n * k / 8) without forming n * k, which wraps for n near 2^64 / k (a wrapped size
+// let an empty buffer pass the length check of an absurd n).
+inline uint64_t packed_size(uint64_t n, int k) {
+  const uint64_t kk = static_cast<uint64_t>(k);
+  return (n / 8) * kk + ((n % 8) * kk + 7) / 8;
+}
 
 // Throws InvalidInput if k is out of range or a code does not fit in k bits.
 void pack_bits(const uint8_t* codes, uint64_t n, int k, uint8_t* out);

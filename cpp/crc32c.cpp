@@ -96,8 +96,8 @@ __attribute__((target("sse4.2"))) inline uint64_t crc_runs(uint64_t c, const uin
   return c;
 }
 
-__attribute__((target("sse4.2"))) uint32_t crc32c_hw(const uint8_t* p, size_t n) {
-  uint64_t c = 0xFFFFFFFFu;
+__attribute__((target("sse4.2"))) uint32_t crc32c_hw(const uint8_t* p, size_t n, uint32_t prev) {
+  uint64_t c = ~prev;  // the register after the previous bytes (init 0xFFFFFFFF when prev = 0)
   if (n >= 3 * kBlock) c = crc_runs(c, p, n, kBlock, long_shift());
   if (n >= 3 * kShortBlock) c = crc_runs(c, p, n, kShortBlock, short_shift());
   for (; n >= 8; n -= 8, p += 8) {
@@ -118,18 +118,18 @@ bool have_sse42() {
 
 }  // namespace
 
-uint32_t crc32c_portable(const uint8_t* p, size_t n) {
+uint32_t crc32c_portable(const uint8_t* p, size_t n, uint32_t prev) {
   const auto& t = table();
-  uint32_t c = 0xFFFFFFFFu;
+  uint32_t c = ~prev;
   for (size_t i = 0; i < n; ++i) c = t[(c ^ p[i]) & 0xFFu] ^ (c >> 8);
   return c ^ 0xFFFFFFFFu;
 }
 
-uint32_t crc32c(const uint8_t* p, size_t n) {
+uint32_t crc32c(const uint8_t* p, size_t n, uint32_t prev) {
 #ifdef EOQ_X86
-  if (have_sse42()) return crc32c_hw(p, n);
+  if (have_sse42()) return crc32c_hw(p, n, prev);
 #endif
-  return crc32c_portable(p, n);
+  return crc32c_portable(p, n, prev);
 }
 
 }  // namespace eoq

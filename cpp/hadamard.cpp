@@ -16,6 +16,8 @@ uint64_t mix64(uint64_t z) {  // the output function of splitmix64
   return z ^ (z >> 31);
 }
 
+}  // namespace
+
 void fwht(float* x, int64_t n) {
   for (int64_t h = 1; h < n; h *= 2)
     for (int64_t i = 0; i < n; i += 2 * h)
@@ -26,7 +28,7 @@ void fwht(float* x, int64_t n) {
       }
 }
 
-}  // namespace
+float hadamard_scale(int64_t block) { return static_cast<float>(1.0 / std::sqrt(static_cast<double>(block))); }
 
 std::vector<float> hadamard_signs(int64_t n, uint64_t seed) {
   std::vector<float> s(n);
@@ -38,7 +40,7 @@ std::vector<float> hadamard_signs(int64_t n, uint64_t seed) {
 void hadamard_inplace(float* x, int64_t count, int64_t block, const float* signs, bool inverse) {
   if (block < 1 || block > (1 << 24) || (block & (block - 1)))
     throw InvalidInput("hadamard: block must be a power of two, got " + std::to_string(block));
-  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(block)));
+  const float scale = hadamard_scale(block);
   const int64_t grain = std::max<int64_t>(1, 16384 / block);
   at::parallel_for(0, count, grain, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {

@@ -15,6 +15,16 @@ namespace eoq {
 
 std::vector<float> hadamard_signs(int64_t n, uint64_t seed);
 
+// The unnormalised Walsh-Hadamard butterflies on n = 2^k floats, in place: stages h = 1, 2,
+// 4, ... in that order, each butterfly (a, b) -> (a + b, a - b). This is the reference that
+// every faster transform (dequant.cpp's AVX2 one) must match bit for bit: an output's
+// rounding depends only on the stage order, not on the order of butterflies within a stage.
+void fwht(float* x, int64_t n);
+
+// The 1/sqrt(block) factor of the orthonormal transform, as a float (exactly what
+// hadamard_inplace multiplies by, so that other kernels can reproduce it).
+float hadamard_scale(int64_t block);
+
 // Transforms x in place: `count` blocks of `block` floats. signs: nullptr or `block` values.
 // Throws InvalidInput if block is not a power of two in [1, 2^24].
 void hadamard_inplace(float* x, int64_t count, int64_t block, const float* signs, bool inverse);

@@ -317,7 +317,8 @@ Header parse(const uint8_t* stream, size_t len) {
   if (h.chunk_size < kMinChunk || h.chunk_size > kMaxChunk || h.chunk_size % kLanes)
     throw CorruptStream("bad chunk_size " + std::to_string(h.chunk_size));
   h.n_chunks = r.get<uint32_t>("n_chunks");
-  if (h.n_chunks != (h.n_symbols + h.chunk_size - 1) / h.chunk_size)
+  // ceil without the overflow of n + chunk - 1 (n near 2^64 would wrap to 0 chunks).
+  if (h.n_chunks != h.n_symbols / h.chunk_size + (h.n_symbols % h.chunk_size != 0))
     throw CorruptStream("chunk count " + std::to_string(h.n_chunks) + " does not match " +
                         std::to_string(h.n_symbols) + " symbols");
   h.alphabet = r.get<uint16_t>("alphabet");
@@ -419,46 +420,66 @@ void decode_groups_scalar(const DecodeTable& t, ChunkCursor* const* c, int n) {
   for (int k = 0; k < n; ++k) decode_groups_scalar_one(t, *c[k]);
 }
 
-void decode(const uint8_t* stream, size_t len, const Header& h, uint8_t* out) {
-  if (h.n_symbols == 0) return;
-  const DecodeTable table = make_decode_table(h);
-  const GroupDecoder decode_groups = pick_decoder(nullptr);
-  std::vector<uint64_t> offset(h.n_chunks);
+ChunkDecoder::ChunkDecoder(const uint8_t* stream, size_t len, const Header& h)
+    : stream_(stream), h_(h), table_(make_decode_table(h)), groups_(pick_decoder(nullptr)), offset_(h.n_chunks) {
   uint64_t off = h.header_bytes;
   for (uint32_t c = 0; c < h.n_chunks; ++c) {
-    offset[c] = off;
+    offset_[c] = off;
     off += h.chunk_bytes[c];
   }
+  if (off != len) throw InvalidInput("ChunkDecoder: header does not describe this stream");  // parse checked it
+}
+
+void ChunkDecoder::decode_chunks(uint32_t c0, int n, uint8_t* out, std::string* err) const {
+  ChunkCursor cur[kBatch];
+  ChunkCursor* ok[kBatch];
+  int n_ok = 0;
+  for (int k = 0; k < n; ++k) {
+    const uint32_t c = c0 + k;
+    err[k].clear();
+    try {
+      start_chunk(cur[k], stream_ + offset_[c], h_.chunk_bytes[c], chunk_len(c),
+                  out + static_cast<size_t>(k) * h_.chunk_size);
+      ok[n_ok++] = &cur[k];
+    } catch (const std::exception& ex) {
+      err[k] = ex.what();
+    }
+  }
+  groups_(table_, ok, n_ok);
+  for (int j = 0; j < n_ok; ++j) {
+    const int k = static_cast<int>(ok[j] - cur);
+    try {
+      finish_chunk(table_, *ok[j]);
+      if (crc32c(ok[j]->out, ok[j]->m) != h_.chunk_crc[c0 + k]) throw CorruptStream("checksum of decoded symbols mismatch");
+    } catch (const std::exception& ex) {
+      err[k] = ex.what();
+    }
+  }
+}
+
+bool ChunkDecoder::decode_prefix(uint32_t c, uint32_t m, uint8_t* out) const {
+  ChunkCursor cur;
+  try {
+    start_chunk(cur, stream_ + offset_[c], h_.chunk_bytes[c], std::min(m, chunk_len(c)), out);
+    ChunkCursor* p = &cur;
+    groups_(table_, &p, 1);  // safe_groups bounds it by m and by the words left
+    decode_tail_checked(table_, cur);
+  } catch (const std::exception&) {
+    return false;
+  }
+  return true;
+}
+
+void decode(const uint8_t* stream, size_t len, const Header& h, uint8_t* out) {
+  if (h.n_symbols == 0) return;
+  const ChunkDecoder dec(stream, len, h);
   std::vector<std::string> error(h.n_chunks);
   // Each thread takes a fixed range of chunks and decodes them kBatch at a time, side by
   // side (see ChunkCursor): the output and the errors do not depend on the batching.
   at::parallel_for(0, h.n_chunks, 1, [&](int64_t b, int64_t e) {
-    ChunkCursor cur[kBatch];
     for (int64_t c0 = b; c0 < e; c0 += kBatch) {
       const int n = static_cast<int>(std::min<int64_t>(kBatch, e - c0));
-      ChunkCursor* ok[kBatch];
-      int n_ok = 0;
-      for (int k = 0; k < n; ++k) {
-        const int64_t c = c0 + k;
-        const uint64_t lo = static_cast<uint64_t>(c) * h.chunk_size;
-        const uint32_t m = static_cast<uint32_t>(std::min<uint64_t>(h.n_symbols - lo, h.chunk_size));
-        try {
-          start_chunk(cur[k], stream + offset[c], h.chunk_bytes[c], m, out + lo);
-          ok[n_ok++] = &cur[k];
-        } catch (const std::exception& ex) {
-          error[c] = ex.what();
-        }
-      }
-      decode_groups(table, ok, n_ok);
-      for (int k = 0; k < n_ok; ++k) {
-        const int64_t c = c0 + (ok[k] - cur);
-        try {
-          finish_chunk(table, *ok[k]);
-          if (crc32c(ok[k]->out, ok[k]->m) != h.chunk_crc[c]) throw CorruptStream("checksum of decoded symbols mismatch");
-        } catch (const std::exception& ex) {
-          error[c] = ex.what();
-        }
-      }
+      dec.decode_chunks(static_cast<uint32_t>(c0), n, out + dec.chunk_begin(static_cast<uint32_t>(c0)), &error[c0]);
     }
   });
   for (uint32_t c = 0; c < h.n_chunks; ++c)

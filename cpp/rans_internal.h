@@ -4,6 +4,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "errors.h"
@@ -110,10 +111,10 @@ void decode_groups_scalar(const DecodeTable& t, ChunkCursor* const* c, int n);
 void decode_groups_avx2(const DecodeTable& t, ChunkCursor* const* c, int n);
 void decode_groups_avx512(const DecodeTable& t, ChunkCursor* const* c, int n);
 
-// Decodes the remaining symbols one at a time, every read checked, then checks that all
-// n_words words were consumed and every final state is kL. Throws CorruptStream when the
-// words run out, are left over, or a final state differs from kL.
-inline void finish_chunk(const DecodeTable& t, ChunkCursor& c) {
+// Decodes the remaining symbols (up to c.m) one at a time, every read checked; throws
+// CorruptStream when the words run out. No end-of-chunk checks: finish_chunk adds them, and
+// a prefix decode (ChunkDecoder::decode_prefix) stops here.
+inline void decode_tail_checked(const DecodeTable& t, ChunkCursor& c) {
   const int sb = t.scale_bits;
   const uint32_t mask = t.mask;
   const uint32_t* info = t.info.data();
@@ -135,10 +136,55 @@ inline void finish_chunk(const DecodeTable& t, ChunkCursor& c) {
   }
   c.i = c.m;
   c.rp = rp;
-  if (rp != c.n_words) throw CorruptStream("chunk payload has unread words");
-  for (int j = 0; j < kLanes; ++j)
-    if (x[j] != kL) throw CorruptStream("final state check failed");
 }
+
+// Decodes the remaining symbols one at a time, every read checked, then checks that all
+// n_words words were consumed and every final state is kL. Throws CorruptStream when the
+// words run out, are left over, or a final state differs from kL.
+inline void finish_chunk(const DecodeTable& t, ChunkCursor& c) {
+  decode_tail_checked(t, c);
+  if (c.rp != c.n_words) throw CorruptStream("chunk payload has unread words");
+  for (int j = 0; j < kLanes; ++j)
+    if (c.x[j] != kL) throw CorruptStream("final state check failed");
+}
+
+// Decodes chunks of a parsed stream into memory the caller chooses, a few at a time: what
+// decode() runs over the whole stream, and what the fused dequantizer (dequant.cpp) runs
+// into a small reused buffer, so that the codes of a large tensor never exist in full.
+// Every check of the format applies to decode_chunks; see decode_prefix for the exception.
+class ChunkDecoder {
+ public:
+  // h must come from parse(stream, len) and outlive the decoder.
+  ChunkDecoder(const uint8_t* stream, size_t len, const Header& h);
+
+  uint32_t n_chunks() const { return h_.n_chunks; }
+  uint64_t chunk_begin(uint32_t c) const { return static_cast<uint64_t>(c) * h_.chunk_size; }
+  uint32_t chunk_len(uint32_t c) const {
+    return static_cast<uint32_t>(std::min<uint64_t>(h_.n_symbols - chunk_begin(c), h_.chunk_size));
+  }
+
+  // Decodes chunks [c0, c0 + n), n <= kBatch, side by side (independent chains hide the
+  // table lookups' latency) into out, back to back: chunk c0 + k at out + k * chunk_size.
+  // Each chunk gets every check (initial states, word count, final states, CRC32C of its
+  // symbols); a failure is recorded in err[k] (empty when the chunk is valid), never thrown,
+  // so parallel callers can report the first failing chunk deterministically.
+  void decode_chunks(uint32_t c0, int n, uint8_t* out, std::string* err) const;
+
+  // The first m <= chunk_len(c) symbols of chunk c, with every read bounds-checked but none
+  // of the end-of-chunk checks (they need the whole chunk). For a row of a tensor that
+  // starts in one chunk and ends in the next: the caller must also decode chunk c in full
+  // with decode_chunks, whose checks stand for this prefix too (rANS decodes in order, so
+  // the prefix is exactly the first m symbols that decode gives, and a prefix that fails
+  // here fails there). Returns false when an initial state is invalid or the words run out.
+  bool decode_prefix(uint32_t c, uint32_t m, uint8_t* out) const;
+
+ private:
+  const uint8_t* stream_;
+  const Header& h_;
+  DecodeTable table_;
+  GroupDecoder groups_;
+  std::vector<uint64_t> offset_;  // byte offset of each chunk's payload
+};
 
 // ---- encoder ---------------------------------------------------------------------------
 

@@ -290,6 +290,19 @@ def make_cases(base: pathlib.Path, root: pathlib.Path) -> list[str]:
                 tensors[key].view(-1)[0] = value
             rewrite_tensors(f, edit)
 
+    def shared_part(t):
+        t[f"{plain_ecsq}.steps"] = {"kind": "passthrough", "shape": [1], "dtype": "float32", "file": WEIGHTS,
+                                   "stored_bytes": 4, "reason": "non-2d"}
+
+    forged("shared_part", shared_part)
+
+    @case("forged_marker_removed")
+    def _(f):
+        m = manifest(f)
+        m["marker"] = None
+        write_manifest(f, m)
+        reseal(f)
+
     side("steps_nan", f"{plain_ecsq}.steps", float("nan"))
     side("steps_inf", f"{plain_ecsq}.steps", float("inf"))
     side("steps_huge", f"{plain_ecsq}.steps", 1e38)

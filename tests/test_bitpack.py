@@ -57,3 +57,15 @@ def test_thread_count_does_not_change_bytes(threads):
         out.append(ops.pack_bits(codes, 5))
         assert torch.equal(ops.unpack_bits(out[-1], 5, codes.numel()), codes)
     assert torch.equal(out[0], out[1])
+
+
+def test_absurd_counts_fail_on_the_length_check_not_an_allocation():
+    # found by the fuzzer: n * bits used to wrap, so an empty buffer passed the length check of
+    # n = 2^62 and 4 EiB were asked for; and n >= 2^63 reached pybind11 as a TypeError
+    with pytest.raises(eoq.CorruptStreamError, match="bytes"):
+        ops.unpack_bits(torch.empty(0, dtype=torch.uint8), 8, (1 << 62) - 1)
+    with pytest.raises(eoq.CorruptStreamError, match="bytes"):
+        ops.unpack_bits(torch.empty(0, dtype=torch.uint8), 8, 1 << 61)
+    for n in (1 << 62, 1 << 63, 1 << 64):
+        with pytest.raises(ValueError, match="n must be in"):
+            ops.unpack_bits(torch.zeros(4, dtype=torch.uint8), 7, n)

@@ -154,6 +154,113 @@ def test_crc32c_known_value_and_paths_agree():
     assert ops.crc32c(rnd) == eoq._C.crc32c(rnd, True) == ref.crc32c(rnd.numpy().tobytes())
 
 
+def crc32c_extend_reference(data: bytes, value: int) -> int:
+    """Bitwise CRC32C continuing from a previous CRC32C (register = ~value)."""
+    crc = value ^ 0xFFFFFFFF
+    for b in data:
+        crc ^= b
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+    return crc ^ 0xFFFFFFFF
+
+
+# lengths that exercise the byte tail, the 8-byte loop and both three-chain block sizes
+@pytest.mark.parametrize("na,nb", [(0, 0), (0, 9), (9, 0), (1, 7), (13, 3 * 256 + 5), (3 * 4096 + 3, 40_000)])
+def test_crc32c_extend(na, nb):
+    rng = np.random.default_rng(na + nb)
+    a = rng.integers(0, 256, na).astype(np.uint8)
+    b = rng.integers(0, 256, nb).astype(np.uint8)
+    whole = ops.crc32c(u8(np.concatenate([a, b])))
+    first = ops.crc32c(u8(a))
+    assert ops.crc32c(u8(b), first) == whole == eoq._C.crc32c(u8(b), True, first)
+    assert whole == ref.crc32c(a.tobytes() + b.tobytes())
+    if nb < 1000:  # the bitwise reference is slow
+        assert ops.crc32c(u8(b), first) == crc32c_extend_reference(b.tobytes(), first)
+    assert ops.crc32c(u8(b), 0x12345678) == eoq._C.crc32c(u8(b), True, 0x12345678)
+    for bad in (-1, 1 << 32, 1.5, True):
+        with pytest.raises(ValueError, match="previous CRC32C"):
+            ops.crc32c(u8(b), bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16,
+                                   torch.bfloat16, torch.float32, torch.float64, torch.bool, torch.complex64])
+def test_crc32c_tensor_is_the_crc_of_the_little_endian_bytes(dtype):
+    g = torch.Generator().manual_seed(3)
+    t = (torch.randn(37, 29, generator=g) * 100).to(dtype)
+    raw = t.numpy().tobytes() if dtype != torch.bfloat16 else t.view(torch.int16).numpy().tobytes()
+    assert ops.crc32c_tensor(t) == ref.crc32c(raw)
+    assert ops.crc32c_tensor(t, 77) == ops.crc32c(u8(np.frombuffer(raw, np.uint8).copy()), 77)
+    # non-contiguous: the bytes of its contiguous copy
+    tt = t.t()
+    assert ops.crc32c_tensor(tt) == ref.crc32c(tt.contiguous().view(torch.uint8).numpy().tobytes())
+    assert ops.crc32c_tensor(t[:0]) == 0
+
+
+def test_crc32c_tensor_chains_over_tensors_and_checks_arguments():
+    ts = [torch.arange(1000, dtype=torch.float32), torch.ones(7, dtype=torch.bfloat16), torch.zeros(0, dtype=torch.int64)]
+    v = 0
+    for t in ts:
+        v = ops.crc32c_tensor(t, v)
+    assert v == ref.crc32c(b"".join(t.contiguous().view(torch.uint8).numpy().tobytes() for t in ts))
+    assert ops.crc32c_tensor(torch.tensor(3.0).conj()) == ops.crc32c_tensor(torch.tensor(3.0))
+    z = torch.tensor([1 + 2j], dtype=torch.complex64)
+    assert ops.crc32c_tensor(z.conj()) == ops.crc32c_tensor(torch.tensor([1 - 2j], dtype=torch.complex64))
+    with pytest.raises(TypeError):
+        ops.crc32c_tensor(b"abc")
+    with pytest.raises(ValueError, match="dense"):
+        ops.crc32c_tensor(torch.eye(3).to_sparse())
+
+
+def free_stream(n: int, chunk: int = 1 << 20, n_chunks=None) -> torch.Tensor:
+    """A valid stream of n zero symbols, one symbol of frequency M: every symbol costs 0 bits,
+    so each chunk is its 128 bytes of states alone (2^31 symbols in ~280 KB)."""
+    import struct
+    n_chunks = -(-n // chunk) if n_chunks is None else n_chunks
+    crcs = {}
+    head = b"EOQR" + bytes([1, 12, 32, 0]) + struct.pack("<QIIH", n, chunk, n_chunks, 1) + struct.pack("<H", 1 << 12)
+    for c in range(n_chunks):
+        m = min(chunk, n - c * chunk)
+        if m not in crcs:
+            crcs[m] = ops.crc32c(torch.zeros(m, dtype=torch.uint8))
+        head += struct.pack("<II", 128, crcs[m])
+    head += struct.pack("<I", ref.crc32c(head))
+    payload = struct.pack("<32I", *([1 << 16] * 32))
+    return u8(np.frombuffer(head + payload * n_chunks, np.uint8).copy())
+
+
+def test_expected_count_is_checked_before_allocating():
+    small = free_stream(3 * 65536 + 5, chunk=65536)
+    assert torch.equal(ops.rans_decode(small), torch.zeros(3 * 65536 + 5, dtype=torch.uint8))
+    assert torch.equal(ops.rans_decode(small, expected=3 * 65536 + 5), torch.zeros(3 * 65536 + 5, dtype=torch.uint8))
+    big = free_stream(1 << 31)
+    assert big.numel() < 300_000 and ops.rans_info(big)["n_symbols"] == 1 << 31
+    import time
+    t0 = time.perf_counter()
+    with pytest.raises(eoq.CorruptStreamError, match=f"declares {1 << 31} symbols, expected 1000"):
+        ops.rans_decode(big, expected=1000)
+    with pytest.raises(eoq.CorruptStreamError, match="expected"):
+        ops.rans_decode(big, out=torch.empty(1000, dtype=torch.uint8), expected=1000)
+    assert time.perf_counter() - t0 < 1.0  # nothing decoded, nothing of 2 GiB allocated
+    with pytest.raises(eoq.CorruptStreamError, match="more than any stream"):
+        ops.rans_decode(small, expected=1 << 64)
+    for bad in (-1, 2.0, True, "5"):
+        with pytest.raises(ValueError, match="expected must be"):
+            ops.rans_decode(small, expected=bad)
+    assert ops.rans_decode(small, expected=np.int64(3 * 65536 + 5)).numel() == 3 * 65536 + 5
+
+
+def test_declared_count_near_2_to_64_is_rejected():
+    # n + chunk - 1 would wrap to a small number: the chunk count must still be ceil(n / chunk).
+    with pytest.raises(eoq.CorruptStreamError, match="chunk count"):
+        ops.rans_info(free_stream((1 << 64) - 1, chunk=65536, n_chunks=0))
+    # a chunk index longer than the stream is refused before anything is sized from it
+    s = free_stream(65536, chunk=65536).numpy().tobytes()
+    forged = bytearray(s[:20]) + (0xFFFFFFFF).to_bytes(4, "little") + s[24:]
+    forged[8:16] = ((0xFFFFFFFF) * 65536).to_bytes(8, "little")
+    with pytest.raises(eoq.CorruptStreamError, match="chunk index"):
+        ops.rans_info(u8(np.frombuffer(bytes(forged), np.uint8).copy()))
+
+
 def test_decode_into_a_given_buffer():
     x = u8(skewed(100_000, seed=9))
     s = ops.rans_encode(x)

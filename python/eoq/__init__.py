@@ -7,12 +7,37 @@ the "eoq" quantization method with transformers, so ``from_pretrained`` loads eo
 
 import torch  # noqa: F401  (must precede the extension)
 
-from . import _C
+
+def _check_torch_version() -> None:
+    """Refuse a torch other than the one the extension was compiled against.
+
+    _C links libtorch's C++ symbols, whose ABI changes between torch releases: loading it
+    under another torch fails with an undefined-symbol error at best. The build records
+    its torch in _build_info.py (CMake), read here before _C is imported. A source tree
+    without a build has no _build_info (and no _C): the import of _C reports that.
+    """
+    try:
+        from ._build_info import TORCH_VERSION as built
+    except ImportError:
+        return
+    running = torch.__version__.split("+")[0]
+    if running != built:
+        raise ImportError(
+            f"eoq's C++ extension was built against torch {built}, but torch {running} is installed "
+            f"({torch.__version__}). Reinstall eoq against this torch, from source: "
+            f"`pip install --no-build-isolation --force-reinstall --no-deps eoq` "
+            f"(or `pip install --no-build-isolation --force-reinstall --no-deps .` in a checkout), "
+            f"or install the torch it was built for: `pip install torch=={built}`.")
+
+
+_check_torch_version()
+
+from . import _C  # noqa: E402
 from . import ops
 from .errors import CorruptStreamError
 from .quantized import QuantizedTensor, quantize_tensor
 from .quant_config import ProtectRule, QuantConfig, parse_size
-from .repo import FormatError
+from .errors import FormatError
 from .convert import calibrate_model, quantize_model, summary_table
 from .loading import load_quantized, read_state_dict
 from .hf_quantizer import register as _register

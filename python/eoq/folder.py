@@ -43,6 +43,8 @@ def weight_files(folder: os.PathLike) -> dict[str, str]:
     index_file = folder / repo.INDEX
     if index_file.is_file():
         try:
+            if index_file.stat().st_size > repo.MAX_MANIFEST_BYTES:
+                raise ValueError(f"{index_file.stat().st_size} bytes, more than any shard index")
             index = json.loads(index_file.read_bytes())
             weight_map = index["weight_map"]
             if not isinstance(weight_map, dict):

@@ -134,16 +134,18 @@ class EoqHfQuantizer(HfQuantizer):
         """model state_dict key -> manifest name (tolerating a base-model prefix difference);
         a key no entry covers would keep its random initialisation: an error."""
         tensors = self.manifest["tensors"]
+        where = os.path.join(self.folder, repo.MANIFEST)
         out = {}
-        for key in model.state_dict():
-            if key in tensors:
-                out[key] = key
-                continue
-            found = [n for n in tensors if n.endswith("." + key) or key.endswith("." + n)]
+        for key, param in model.state_dict().items():
+            found = [key] if key in tensors else [n for n in tensors if n.endswith("." + key) or key.endswith("." + n)]
             if len(found) != 1:
-                raise repo.FormatError(f"{model.config.name_or_path}: the model's parameter {key!r} has "
-                                       f"{'no entry' if not found else 'several entries'} in {repo.MANIFEST}; "
+                raise repo.FormatError(f"{where}: the model's parameter {key!r} has "
+                                       f"{'no entry' if not found else 'several entries'}; "
                                        "it would not be loaded from the folder")
+            # the config decides what the model holds; an entry claiming more is refused before decoding
+            if list(param.shape) != tensors[found[0]]["shape"]:
+                raise repo.FormatError(f"{where}: {found[0]} has shape {tensors[found[0]]['shape']}, the model's "
+                                       f"parameter {key!r} has {list(param.shape)}")
             out[key] = found[0]
         return out
 

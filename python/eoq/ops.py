@@ -7,6 +7,7 @@ threads (``torch.set_num_threads``), with results that do not depend on the thre
 
 from __future__ import annotations
 
+import operator
 from typing import NamedTuple, Optional
 
 import torch
@@ -36,6 +37,19 @@ def _float(t, what: str) -> torch.Tensor:
     return t.detach().cpu().to(torch.float32).contiguous()
 
 
+def _count(v, what: str) -> int:
+    """A non-negative integer argument (Python or numpy int, never bool or float)."""
+    if isinstance(v, bool):
+        raise ValueError(f"{what} must be a non-negative int, got {v!r}")
+    try:
+        v = operator.index(v)
+    except TypeError:
+        raise ValueError(f"{what} must be a non-negative int, got {v!r}") from None
+    if v < 0:
+        raise ValueError(f"{what} must be a non-negative int, got {v}")
+    return v
+
+
 # ---- rANS ------------------------------------------------------------------------------
 
 
@@ -49,16 +63,24 @@ def rans_encode(symbols: torch.Tensor, scale_bits: int = RANS_DEFAULT_SCALE_BITS
     return _C.rans_encode(_u8_1d(symbols, "symbols"), int(scale_bits), int(chunk_size))
 
 
-def rans_decode(stream: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def rans_decode(stream: torch.Tensor, out: Optional[torch.Tensor] = None,
+                expected: Optional[int] = None) -> torch.Tensor:
     """Decode an EOQR stream; raises CorruptStreamError if it is corrupt or truncated.
 
     ``out``: a contiguous 1-D uint8 CPU tensor of exactly the stream's length to decode
     into (reusing a buffer avoids faulting in fresh pages); returned.
+    ``expected``: the number of symbols the caller knows the stream must hold; the header's
+    count is compared with it right after parsing, before any allocation or decoding, and
+    a mismatch raises CorruptStreamError naming both.
     """
     if out is not None and not (isinstance(out, torch.Tensor) and out.dtype == torch.uint8 and out.dim() == 1
                                 and out.is_contiguous() and out.device.type == "cpu"):
         raise ValueError("out must be a contiguous 1-D uint8 CPU tensor")
-    return _C.rans_decode(_u8_1d(stream, "stream"), out)
+    if expected is not None:
+        expected = _count(expected, "expected")
+        if expected >= 1 << 63:
+            raise CorruptStreamError(f"expected {expected} symbols: more than any stream can hold")
+    return _C.rans_decode(_u8_1d(stream, "stream"), out, expected)
 
 
 def rans_info(stream: torch.Tensor) -> dict:
@@ -71,9 +93,89 @@ def rans_decoder() -> str:
     return _C.rans_decoder_name()
 
 
-def crc32c(data: torch.Tensor) -> int:
-    """CRC32C (Castagnoli) of a 1-D uint8 tensor."""
-    return _C.crc32c(_u8_1d(data, "data"), False)
+def _crc_value(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0xFFFFFFFF:
+        raise ValueError(f"value must be a previous CRC32C, an int in [0, 2^32), got {value!r}")
+    return value
+
+
+def crc32c(data: torch.Tensor, value: int = 0) -> int:
+    """CRC32C (Castagnoli) of a 1-D uint8 tensor.
+
+    ``value`` is the CRC32C of the bytes that precede ``data`` (0: none), so
+    ``crc32c(b, crc32c(a)) == crc32c(a + b)`` and a checksum can be extended piece by piece.
+    """
+    return _C.crc32c(_u8_1d(data, "data"), False, _crc_value(value))
+
+
+def crc32c_tensor(t: torch.Tensor, value: int = 0) -> int:
+    """CRC32C of a CPU tensor's raw bytes, any dtype and shape, extending ``value``.
+
+    The bytes are the tensor's elements in row-major order, little-endian (the safetensors
+    layout). A contiguous tensor is read in place (no copy); a non-contiguous one is made
+    contiguous first.
+    """
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"t must be a torch.Tensor, got {type(t).__name__}")
+    if t.device.type != "cpu":
+        raise ValueError(f"t must be a CPU tensor, got one on {t.device}")
+    if t.layout != torch.strided:
+        raise ValueError(f"t must be a dense (strided) tensor, got layout {t.layout}")
+    # resolve_conj/resolve_neg: a lazily conjugated/negated view's memory is not its values.
+    return _C.crc32c(t.detach().resolve_conj().resolve_neg().contiguous(), False, _crc_value(value))
+
+
+# ---- fused ecsq dequantization ----------------------------------------------------------------
+
+DEQUANT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def ecsq_dequantize(codes: torch.Tensor, rows: int, cols: int, padded_cols: int, block: int, seed: int,
+                    offset: int, steps: torch.Tensor, group_rows: Optional[int] = None,
+                    awq_scales: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.bfloat16,
+                    codec: str = "rans", out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """ecsq codes -> the [rows, cols] weight in ``dtype``, in one fused pass (cpp/dequant.h).
+
+    ``codes``: the EOQR stream of the rows x padded_cols codes (``codec="rans"``), or the
+    codes themselves, uint8, flattened (``codec="codes"``). Computes, bit for bit as the
+    reference (eoq.methods.ecsq.dequantize, then ``/ awq_scales`` and ``.to(dtype)``):
+    ``(code + offset) * steps[row // group_rows]`` (group_rows None: one step), the inverse
+    seeded Hadamard in blocks of ``block``, cropped to ``cols``, divided by the AWQ scales
+    (widened to float32), rounded to ``dtype`` (bfloat16, float16 or float32). The stream's
+    count is checked before anything is decoded; a corrupt stream raises CorruptStreamError.
+    ``out``: a contiguous [rows, cols] CPU tensor of ``dtype`` to write into (returned).
+    """
+    if codec not in ("rans", "codes"):
+        raise ValueError(f"codec must be 'rans' or 'codes', got {codec!r}")
+    if dtype not in DEQUANT_DTYPES:
+        raise ValueError(f"dtype must be one of {DEQUANT_DTYPES}, got {dtype}")
+    rows, cols, padded_cols, block = (_count(v, w) for v, w in
+                                      ((rows, "rows"), (cols, "cols"), (padded_cols, "padded_cols"), (block, "block")))
+    seed = _count(seed, "seed")
+    if seed >= 1 << 64:
+        raise ValueError(f"seed must be below 2^64, got {seed}")
+    if isinstance(offset, bool):
+        raise ValueError(f"offset must be an int, got {offset!r}")
+    try:
+        offset = operator.index(offset)
+    except TypeError:
+        raise ValueError(f"offset must be an int, got {offset!r}") from None
+    if not -(1 << 31) <= offset <= (1 << 31) - 256:
+        raise ValueError(f"offset {offset} out of range: offset + 255 must fit in int32")
+    g = rows if group_rows is None else _count(group_rows, "group_rows")
+    if g == 0 and rows > 0:
+        raise ValueError("group_rows must be >= 1")
+    steps = _float(steps, "steps").reshape(-1)
+    awq = None if awq_scales is None else _float(awq_scales, "awq_scales").reshape(-1)
+    if out is not None and not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+    return _C.ecsq_dequantize(_u8_1d(codes, "codes"), codec == "rans", rows, cols, padded_cols, block, seed, offset,
+                              steps, max(g, 1), awq, dtype, out)
+
+
+def dequant_kernel() -> str:
+    """Name of the row kernel ecsq_dequantize uses on this CPU ("avx2" or "scalar"; the same bits)."""
+    return _C.dequant_kernel_name()
 
 
 # ---- bit packing ------------------------------------------------------------------------
@@ -92,8 +194,8 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of pack_bits; raises CorruptStreamError if the byte count or padding is wrong."""
-    if int(n) < 0:
-        raise ValueError(f"n must be non-negative, got {n}")
+    if not 0 <= int(n) < 1 << 62:
+        raise ValueError(f"n must be in [0, 2^62), got {n}")
     return _C.unpack_bits(_u8_1d(packed, "packed"), _check_bits(bits), int(n))
 
 
@@ -213,7 +315,8 @@ def codebook_dequantize(codes: torch.Tensor, centroids: torch.Tensor,
 
 
 __all__ = [
-    "CorruptStreamError", "rans_encode", "rans_decode", "rans_info", "rans_decoder", "crc32c",
+    "CorruptStreamError", "rans_encode", "rans_decode", "rans_info", "rans_decoder", "crc32c", "crc32c_tensor",
+    "ecsq_dequantize", "dequant_kernel",
     "pack_bits", "unpack_bits", "absmax_quantize", "absmax_dequantize", "hadamard", "hadamard_signs",
     "lloyd_max", "Codebook", "codebook_quantize", "codebook_dequantize",
 ]

@@ -1,4 +1,4 @@
-"""The quantized model folder (repo format 1, docs/FORMAT.md): manifest entries, checksums,
+"""The quantized model folder (repo format 2, docs/FORMAT.md): manifest entries, checksums,
 and the decoding of one entry back into a weight.
 
 Both directions live here so that what the writer records is exactly what the readers
@@ -28,8 +28,8 @@ WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 MARKER_TEXT = "eoq-quantized weights: `import eoq` before from_pretrained, or use load_quantized.py"
 QUANTIZED_KINDS = ("quantized", "protected")
-MAX_MANIFEST_BYTES = 256 << 20
-MAX_WEIGHT = 1e37  # the largest weight magnitude side tensors may imply (float32 tops out at 3.4e38)  # a manifest is ~1 KB a tensor; refuse to parse a bomb
+MAX_MANIFEST_BYTES = 256 << 20  # a manifest is ~1 KB a tensor; refuse to parse a bomb
+MAX_WEIGHT = 1e37  # the largest weight magnitude side tensors may imply (float32 tops out at 3.4e38)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -256,10 +256,7 @@ def decode_codes(name: str, entry: dict, stream: torch.Tensor) -> torch.Tensor:
     n = math.prod(shape)
     try:
         if entry["codec"] == "rans":
-            declared = int(ops.rans_info(stream)["n_symbols"])
-            if declared != n:  # checked before decoding: a few bytes may declare 2^36 symbols
-                raise FormatError(f"{name}.codes: the stream holds {declared} codes, the manifest says {shape}")
-            codes = ops.rans_decode(stream)
+            codes = ops.rans_decode(stream, expected=n)  # the count is checked before anything is allocated
         elif entry["codec"] == "packed":
             codes = ops.unpack_bits(stream, int(entry["code_bits"]), n)
         else:
@@ -292,7 +289,14 @@ def dequantize_entry(name: str, entry: dict, parts: dict[str, torch.Tensor],
         t = parts["tensor"]
         return t.to(dtype) if dtype is not None and t.is_floating_point() else t
     try:
+        from .fused import dequantize_fused  # one C++ pass for ecsq, bit-identical to the reference below
+
+        w = dequantize_fused(name, entry, parts, dtype)
+        if w is not None:
+            return w
         w = to_quantized_tensor(name, entry, parts).dequantize(dtype)
+    except CorruptStreamError as e:
+        raise FormatError(f"{name}.codes: corrupt code stream ({e})") from e
     except FormatError:
         raise
     except (ValueError, KeyError, RuntimeError, IndexError) as e:

@@ -100,7 +100,17 @@ def validate_manifest(manifest: Any, where: str) -> dict:
             if target["shape"] != entry["shape"]:
                 _fail(f"{where}: tensor {name!r}", f"shape {entry['shape']} differs from the shape "
                       f"{target['shape']} of {entry['tied_to']!r} it is tied to")
+    claimed = {}
+    for name, entry in tensors.items():  # two entries must never claim one stored tensor
+        if entry["kind"] == "tied":
+            continue
+        for key in ([f"{name}.{p}" for p in entry["parts"]] if "method" in entry else [name]):
+            if key in claimed:
+                _fail(f"{where}: tensor {name!r}", f"its stored tensor {key!r} is also claimed by {claimed[key]!r}")
+            claimed[key] = name
     marker = manifest.get("marker")
+    if marker is None and any("method" in e for e in tensors.values()):
+        _fail(where, "quantized entries but no marker (the marker keeps eoq-less loaders from loading garbage)")
     if marker is not None:
         if not isinstance(marker, str) or marker not in tensors or tensors[marker]["kind"] not in ("quantized",
                                                                                                     "protected") \

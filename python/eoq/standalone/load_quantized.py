@@ -1,4 +1,4 @@
-"""Stand-alone loader for an eoq-quantized model folder (repo format 1).
+"""Stand-alone loader for an eoq-quantized model folder (repo format 2).
 
 eoq copies this file into every folder it writes. To load the model, put the folder on
 sys.path (or run Python from inside it) and call:
@@ -9,36 +9,68 @@ sys.path (or run Python from inside it) and call:
 
 With the ``eoq`` package importable, ``load`` hands the work to ``eoq.load_quantized``
 (its fast C++ decoders). Without it, everything is done here in numpy and torch, with
-no compiled extension: the manifest and checksums are verified, the codes are decoded
-(EOQR rANS streams or packed bits), each weight is dequantized exactly as eoq does it,
-so the tensors are bit-identical to eoq's, and the transformers model named by
+no compiled extension: the folder is checked as eoq checks it (every manifest field by type
+and range, the shard index, each safetensors header, the stored tensors against the
+manifest, every checksum, the side tensors' values) before anything is decoded, then the
+codes are decoded (EOQR rANS streams or packed bits), each weight is dequantized exactly as
+eoq does it, so the tensors are bit-identical to eoq's, and the transformers model named by
 config.json is built and given the weights. ``use_eoq`` picks the path: None (default)
 uses eoq when it is importable, True requires it, False forces the pure path.
 
-Lower-level helpers, for checking a folder tensor by tensor:
-    read_folder(path) -> (manifest, state_dict)   every stored parameter, dequantized
-    dequantize_entry(name, entry, tensors)        one manifest entry from its stored parts
-    rans_decode(stream), unpack_bits(packed, bits, n), crc32c(data)
+A folder that is damaged, or was written to deceive, raises FormatError (a ValueError)
+naming the file, the tensor and the problem; no length or shape read from the folder is
+used to allocate memory before it has been checked.
 
-Needs numpy, torch, safetensors and transformers. The byte layouts are described in eoq's
+Lower-level helpers, for checking a folder tensor by tensor:
+    read_folder(path) -> (manifest, state_dict)   every stored parameter, verified and dequantized
+    read_manifest(path), validate_manifest(manifest, where)
+    dequantize_entry(name, entry, tensors)        one manifest entry from its stored parts
+    entry_checksum(name, entry, tensors), manifest_checksum(manifest)
+    rans_decode(stream), unpack_bits(packed, bits, n), crc32c(data, value)
+
+Needs numpy, torch and transformers. The byte layouts are described in eoq's
 docs/FORMAT.md.
 """
 
 import json
+import math
+import mmap
 import os
-import zlib
+import re
+import struct
 
 import numpy as np
 import torch
 
 FORMAT = "eoq"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "quant_manifest.json"
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+MARKER_TEXT = "eoq-quantized weights: `import eoq` before from_pretrained, or use load_quantized.py"
 QUANTIZED_KINDS = ("quantized", "protected")
+KINDS = ("quantized", "protected", "passthrough", "tied")
+METHODS = ("absmax", "polar", "turbo", "ecsq")
 SIDE_PARTS = {"absmax": ("scales",), "polar": ("scales", "codebook"), "turbo": ("scales", "codebook"),
               "ecsq": ("steps",)}
+OPTIONAL_PARTS = ("awq_scales",)
+PART_DTYPES = {"codes": "uint8", "scales": "float16", "steps": "float32", "codebook": "float32",
+               "awq_scales": "float16"}
+# torch dtype names a stored tensor may have, and their safetensors names
+DTYPES = ("float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "int64", "int32", "int16",
+          "int8", "uint8", "bool")
+ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
+             "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+             "BOOL": "bool"}
+MAX_MANIFEST_BYTES = 256 << 20  # a manifest is ~1 KB a tensor; refuse to parse a bomb
+MAX_WEIGHT = 1e37               # the largest weight magnitude side tensors may imply (float32 tops out at 3.4e38)
+MAX_HEADER = 100 << 20          # safetensors' own limit on the JSON header
+MAX_DIMS = 8
+MAX_NUMEL = 1 << 40
+MIN_BLOCK, MAX_BLOCK = 16, 1 << 16
+MAX_TENSORS = 1 << 20
+CHECKSUM = re.compile(r"crc32c:[0-9a-f]{8}\Z")
+FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\.safetensors\Z")
 
 
 class CorruptStreamError(ValueError):
@@ -46,20 +78,25 @@ class CorruptStreamError(ValueError):
 
 
 class FormatError(ValueError):
-    """A quantized folder that is missing, damaged, or disagrees with its manifest."""
+    """A quantized folder that is missing, damaged, or disagrees with its manifest; the
+    message names the file, the tensor and the problem."""
 
 
 # ---- CRC-32C (Castagnoli) ---------------------------------------------------------------------
 #
-# The rANS stream checks its header and every chunk of decoded symbols with CRC-32C, which
-# zlib lacks. A byte-at-a-time loop in Python is far too slow for megabytes, so long inputs
-# are cut into segments of _CRC_SEG bytes whose CRC registers are computed side by side
-# (numpy, one step per byte position), then chained: the register after A || B is
-# shift(register after A) ^ (register after B started from 0), shift being the effect of
-# _CRC_SEG zero bytes, a GF(2)-linear map applied through four byte-indexed tables.
+# The rANS stream checks its header and every chunk of decoded symbols with CRC-32C, and the
+# manifest's checksums are CRC-32C too; zlib lacks it. A byte-at-a-time loop in Python is far
+# too slow for megabytes, so long inputs are cut into segments of _CRC_SEG bytes whose CRC
+# registers are computed side by side (numpy, one step per word position), then chained: the
+# register after A || B is shift(register after A) ^ (register after B started from 0), shift
+# being the effect of _CRC_SEG zero bytes, a GF(2)-linear map applied through four
+# byte-indexed tables. A CRC continued from a previous value (crc32c(b, crc32c(a)) ==
+# crc32c(a + b)) starts its register at that value's complement, which for a long input acts
+# as that register xor-ed into the first four bytes.
 
 _CRC_POLY = 0x82F63B78  # reflected Castagnoli polynomial
 _CRC_SEG = 1024
+_CRC_PIECE = 1 << 24    # crc32c() works through long inputs this many bytes at a time
 
 
 def _make_crc_table() -> np.ndarray:
@@ -71,12 +108,18 @@ def _make_crc_table() -> np.ndarray:
 
 _CRC_TABLE = _make_crc_table()
 _CRC_TABLE_LIST = _CRC_TABLE.tolist()
+# slice-by-4: _CRC_TABLES4[k][b] is the register after byte b then k zero bytes, so four
+# bytes (one little-endian word xor-ed into the register) take one step of four lookups
+_CRC_TABLES4 = [_CRC_TABLE]
+for _ in range(3):
+    _CRC_TABLES4.append((_CRC_TABLES4[-1] >> 8) ^ _CRC_TABLE[_CRC_TABLES4[-1] & 0xFF])
 _CRC_SHIFT = None  # [4, 256] uint32, built on first use
+_CRC_SHIFT_LISTS = None
 
 
 def _crc_shift_tables() -> np.ndarray:
     """Tables of the map 'register -> register after _CRC_SEG zero bytes', one per register byte."""
-    global _CRC_SHIFT
+    global _CRC_SHIFT, _CRC_SHIFT_LISTS
     if _CRC_SHIFT is None:
         basis = (np.uint32(1) << np.arange(32, dtype=np.uint32)).astype(np.uint32)
         for _ in range(_CRC_SEG):  # all 32 basis registers at once
@@ -86,45 +129,78 @@ def _crc_shift_tables() -> np.ndarray:
         for i in range(4):
             for b in range(8):
                 tables[i] ^= np.where((v >> b) & 1, basis[8 * i + b], 0).astype(np.uint32)
-        _CRC_SHIFT = tables
+        _CRC_SHIFT, _CRC_SHIFT_LISTS = tables, [t.tolist() for t in tables]
     return _CRC_SHIFT
 
 
-def _crc32c_small(data) -> int:
-    t, c = _CRC_TABLE_LIST, 0xFFFFFFFF
+def _crc_value(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= int(value) <= 0xFFFFFFFF:
+        raise ValueError(f"value must be a previous CRC-32C, an int in [0, 2^32), got {value!r}")
+    return int(value)
+
+
+def _crc32c_small(data, value: int = 0) -> int:
+    t, c = _CRC_TABLE_LIST, value ^ 0xFFFFFFFF
     for b in bytes(data):
         c = t[(c ^ b) & 0xFF] ^ (c >> 8)
     return c ^ 0xFFFFFFFF
 
 
-def crc32c_many(arrays) -> list:
-    """CRC-32C of each 1-D uint8 array (or bytes) in `arrays`, computed together."""
-    arrays = [np.frombuffer(a, dtype=np.uint8) if isinstance(a, (bytes, bytearray)) else np.asarray(a, np.uint8)
-              for a in arrays]
+def _u8_view(a) -> np.ndarray:
+    """A 1-D uint8 view (no copy when possible) of bytes, a numpy array or a tensor."""
+    if isinstance(a, (bytes, bytearray, memoryview)):
+        return np.frombuffer(a, dtype=np.uint8)
+    if isinstance(a, torch.Tensor):
+        return _tensor_bytes(a)
+    a = np.asarray(a)
+    if a.dtype != np.uint8:
+        a = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+    return a.reshape(-1)
+
+
+def crc32c_many(arrays, values=None) -> list:
+    """CRC-32C of each 1-D uint8 array (or bytes) in `arrays`, computed together; values[i]
+    (default 0) is the CRC-32C of bytes preceding arrays[i], which the result continues."""
+    arrays = [_u8_view(a) for a in arrays]
+    values = [0] * len(arrays) if values is None else [_crc_value(v) for v in values]
     out = [0] * len(arrays)
     big = [i for i, a in enumerate(arrays) if a.size >= 2 * _CRC_SEG]
     for i, a in enumerate(arrays):
         if a.size < 2 * _CRC_SEG:
-            out[i] = _crc32c_small(a.tobytes())
+            out[i] = _crc32c_small(a.tobytes(), values[i])
     if not big:
         return out
     # Every array right-aligned in rows of n_seg segments: leading zeros leave a register
-    # that starts at 0 at 0. The initial value 0xFFFFFFFF of a reflected CRC acts as the
-    # complement of the first four data bytes, so those are flipped and every register starts at 0.
+    # that starts at 0 at 0. The initial register (0xFFFFFFFF for a fresh CRC) acts as that
+    # register xor-ed into the first four data bytes, so those are xor-ed and every register
+    # starts at 0.
     n_seg = max(-(-arrays[i].size // _CRC_SEG) for i in big)
     width = n_seg * _CRC_SEG
     mat = np.zeros((len(big), width), dtype=np.uint8)
     for r, i in enumerate(big):
         a = arrays[i]
         mat[r, width - a.size:] = a
-        mat[r, width - a.size:width - a.size + 4] ^= 0xFF
-    cols = np.ascontiguousarray(mat.reshape(-1, _CRC_SEG).T)  # [byte position, segment]
+        init = values[i] ^ 0xFFFFFFFF
+        mat[r, width - a.size:width - a.size + 4] ^= np.array([(init >> (8 * k)) & 0xFF for k in range(4)],
+                                                              dtype=np.uint8)
+    # [word position, segment]: the segments' words side by side, four bytes a step
+    cols = np.ascontiguousarray(mat.view("<u4").reshape(-1, _CRC_SEG // 4).T)
     del mat
+    t0, t1, t2, t3 = _CRC_TABLES4
     reg = np.zeros(cols.shape[1], dtype=np.uint32)
-    for k in range(_CRC_SEG):
-        reg = _CRC_TABLE[(reg ^ cols[k]) & 0xFF] ^ (reg >> 8)
+    for k in range(_CRC_SEG // 4):
+        c = reg ^ cols[k]
+        reg = t3[c & 0xFF] ^ t2[(c >> 8) & 0xFF] ^ t1[(c >> 16) & 0xFF] ^ t0[c >> 24]
+    del cols
     reg = reg.reshape(len(big), n_seg)
     sh = _crc_shift_tables()
+    if len(big) == 1:  # one register: Python ints beat numpy scalars
+        s0, s1, s2, s3 = _CRC_SHIFT_LISTS
+        c = 0
+        for r in reg[0].tolist():
+            c = s0[c & 0xFF] ^ s1[(c >> 8) & 0xFF] ^ s2[(c >> 16) & 0xFF] ^ s3[c >> 24] ^ r
+        out[big[0]] = c ^ 0xFFFFFFFF
+        return out
     c = np.zeros(len(big), dtype=np.uint32)
     for s in range(n_seg):
         c = sh[0][c & 0xFF] ^ sh[1][(c >> 8) & 0xFF] ^ sh[2][(c >> 16) & 0xFF] ^ sh[3][c >> 24] ^ reg[:, s]
@@ -133,10 +209,22 @@ def crc32c_many(arrays) -> list:
     return out
 
 
-def crc32c(data) -> int:
-    """CRC-32C of bytes or a uint8 array (check value 0xE3069283 for b"123456789")."""
-    return crc32c_many([data])[0]
+def crc32c(data, value: int = 0) -> int:
+    """CRC-32C of bytes, a uint8 array or a tensor's raw bytes (check value 0xE3069283 for
+    b"123456789"), continuing `value`, the CRC-32C of the bytes before: crc32c(b, crc32c(a))
+    == crc32c(a + b). Long inputs are taken _CRC_PIECE bytes at a time (bounded scratch memory)."""
+    a, value = _u8_view(data), _crc_value(value)
+    if a.size <= _CRC_PIECE:
+        return crc32c_many([a], [value])[0]
+    for start in range(0, a.size, _CRC_PIECE):
+        value = crc32c_many([a[start:start + _CRC_PIECE]], [value])[0]
+    return value
 
+
+def _tensor_bytes(t: torch.Tensor) -> np.ndarray:
+    """A tensor's elements' bytes, row-major (the safetensors layout), as a 1-D uint8 array."""
+    t = t.detach().cpu().contiguous()
+    return t.reshape(-1).view(torch.uint8).numpy() if t.numel() else np.zeros(0, np.uint8)
 
 # ---- EOQR rANS streams --------------------------------------------------------------------------
 
@@ -158,8 +246,13 @@ def _u(buf: bytes, pos: int, size: int, what: str) -> int:
     return int.from_bytes(buf[pos:pos + size], "little")
 
 
-def rans_parse(stream) -> dict:
-    """The validated header of an EOQR stream, with the checks of eoq's C++ reader."""
+def rans_parse(stream, expected=None) -> dict:
+    """The validated header of an EOQR stream, with the checks of eoq's C++ reader.
+
+    expected: the number of symbols the caller knows the stream must hold (an entry's
+    code_shape); the declared count is compared with it as soon as the header has been read
+    and its checksum checked, before any output is allocated (a few crafted bytes may
+    declare 2^36 symbols)."""
     buf = _as_bytes(stream)
     if len(buf) < 4 or buf[:4] != b"EOQR":
         raise CorruptStreamError("not an EOQR rANS stream (bad magic)" if len(buf) >= 4 else
@@ -194,9 +287,11 @@ def rans_parse(stream) -> dict:
         raise CorruptStreamError("rANS stream truncated inside the chunk index")
     index = np.frombuffer(buf, dtype="<u4", count=2 * n_chunks, offset=pos).reshape(n_chunks, 2).astype(np.int64)
     pos += 8 * n_chunks
-    if _u(buf, pos, 4, "header crc") != crc32c(buf[:pos]):
+    if _u(buf, pos, 4, "header crc") != crc32c(memoryview(buf)[:pos]):
         raise CorruptStreamError("header checksum mismatch")
     pos += 4
+    if expected is not None and n != expected:
+        raise CorruptStreamError(f"the stream declares {n} symbols, {expected} expected")
     sizes = index[:, 0]
     for c in range(n_chunks):
         if sizes[c] < 4 * _LANES or (sizes[c] - 4 * _LANES) % 2:
@@ -318,8 +413,11 @@ def _decode_batch(chunks: list, tables: list, headers: list) -> tuple:
     return chunks, flat, errors
 
 
-def rans_decode_many(streams) -> list:
+def rans_decode_many(streams, expected=None) -> list:
     """Decodes several EOQR streams (bytes, uint8 arrays or tensors) into uint8 arrays.
+
+    expected: for each stream, the number of symbols it must hold (None: any), checked
+    against its header before anything is allocated.
 
     The 32 interleaved lanes of every chunk of every stream advance together, one numpy
     step per group of 32 symbols. A corrupt stream raises CorruptStreamError (a
@@ -327,9 +425,12 @@ def rans_decode_many(streams) -> list:
     attribute is the index of the stream.
     """
     headers = []
+    expected = [None] * len(streams) if expected is None else list(expected)
+    if len(expected) != len(streams):
+        raise ValueError(f"{len(streams)} streams but {len(expected)} expected counts")
     for k, s in enumerate(streams):
         try:
-            headers.append(rans_parse(s))
+            headers.append(rans_parse(s, expected[k]))
         except CorruptStreamError as e:
             e.stream = k
             raise
@@ -362,9 +463,9 @@ def _chunk_error(headers, k, c, msg) -> CorruptStreamError:
     return e
 
 
-def rans_decode(stream) -> np.ndarray:
+def rans_decode(stream, expected=None) -> np.ndarray:
     """Decodes one EOQR stream into a uint8 array (see rans_decode_many)."""
-    return rans_decode_many([stream])[0]
+    return rans_decode_many([stream], [expected])[0]
 
 
 # ---- packed bits --------------------------------------------------------------------------------
@@ -422,7 +523,246 @@ def inverse_hadamard(x: torch.Tensor, block: int, seed) -> torch.Tensor:
     return (v * mult).reshape(shape)
 
 
-# ---- dequantization -----------------------------------------------------------------------------
+
+# ---- validation: every manifest field before it is trusted ---------------------------------------
+#
+# As eoq.validate: every entry's kind, shapes, dtypes, method parameters and stored parts are
+# checked against each other and against fixed ranges before anything is allocated from them
+# (a qshape of [2^28, 64] must fail here or at the stream's declared length, never after a
+# 64 GB allocation), and every checksum must be present.
+
+
+def _fail(where: str, msg: str):
+    raise FormatError(f"{where}: {msg}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def _want_int(where: str, field: str, v, lo: int, hi: int) -> int:
+    if not _is_int(v) or not lo <= v <= hi:
+        _fail(where, f"{field} must be an integer in [{lo}, {hi}], got {v!r}")
+    return v
+
+
+def _want_whole(where: str, field: str, v, lo: int, hi: int) -> int:
+    """An integer, possibly written as a float (4.0): the fixed-rate methods' bits."""
+    if not _is_num(v) or not float(v).is_integer() or not lo <= v <= hi:
+        _fail(where, f"{field} must be a whole number in [{lo}, {hi}], got {v!r}")
+    return int(v)
+
+
+def _want_shape(where: str, field: str, v, dims=None) -> list:
+    if not isinstance(v, list) or len(v) > MAX_DIMS or not all(_is_int(s) and 0 <= s <= MAX_NUMEL for s in v):
+        _fail(where, f"{field} must be a list of at most {MAX_DIMS} non-negative integers, got {v!r}")
+    if dims is not None and len(v) != dims:
+        _fail(where, f"{field} must have {dims} dimensions, got {v!r}")
+    if math.prod(v) > MAX_NUMEL:
+        _fail(where, f"{field} {v} holds more than 2^40 values")
+    return v
+
+
+def _want_pow2(where: str, field: str, v, lo: int, hi: int) -> int:
+    _want_int(where, field, v, lo, hi)
+    if v & (v - 1):
+        _fail(where, f"{field} must be a power of two, got {v}")
+    return v
+
+
+def _expect(where: str, field: str, got, want) -> None:
+    if got != want:
+        _fail(where, f"{field} is {got!r}, the entry's shapes need {want!r}")
+
+
+def validate_manifest(manifest, where: str = MANIFEST) -> dict:
+    """Every field a reader uses, for every entry (eoq.validate); returns the manifest."""
+    if not isinstance(manifest, dict):
+        _fail(where, "the manifest is not a JSON object")
+    tensors = manifest.get("tensors")
+    if not isinstance(tensors, dict) or not 0 < len(tensors) <= MAX_TENSORS:
+        _fail(where, f"'tensors' must be an object of 1 to {MAX_TENSORS} entries")
+    for name, entry in tensors.items():
+        validate_entry(name, entry, f"{where}: tensor {name!r}")
+    for name, entry in tensors.items():
+        if entry["kind"] == "tied":
+            target = tensors.get(entry["tied_to"])
+            if target is None or target["kind"] == "tied":
+                _fail(f"{where}: tensor {name!r}", f"tied_to {entry['tied_to']!r} is not a stored tensor")
+            if target["shape"] != entry["shape"]:
+                _fail(f"{where}: tensor {name!r}", f"shape {entry['shape']} differs from the shape "
+                      f"{target['shape']} of {entry['tied_to']!r} it is tied to")
+    marker = manifest.get("marker")
+    if marker is not None and (not isinstance(marker, str) or not _is_quantized(tensors.get(marker))):
+        _fail(where, f"marker {marker!r} is not a quantized tensor of the manifest")
+    # Two entries must not claim the same stored tensor (an entry "x.codes" beside the parts of "x").
+    owner = {} if marker is None else {marker: f"the marker ({marker})"}
+    for name, entry in tensors.items():
+        if entry["kind"] == "tied":
+            continue
+        for key in _stored_names(name, entry).values():
+            if key in owner:
+                _fail(f"{where}: tensor {name!r}", f"stores {key!r}, which is also {owner[key]}")
+            owner[key] = f"stored by {name!r}"
+    if not isinstance(manifest.get("checksum"), str) or not CHECKSUM.match(manifest["checksum"]):
+        _fail(where, f"the manifest checksum is missing or malformed ({manifest.get('checksum')!r})")
+    return manifest
+
+
+def validate_entry(name, entry, where: str, stored: bool = True) -> None:
+    """One entry's fields by type and range (stored=False: without the 'file' it lives in,
+    for an entry checked on its own)."""
+    if not isinstance(name, str) or not name or len(name) > 1024:
+        _fail(where, "tensor names must be non-empty strings of at most 1024 characters")
+    if not isinstance(entry, dict):
+        _fail(where, "the entry is not a JSON object")
+    kind = entry.get("kind")
+    if kind not in KINDS:
+        _fail(where, f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if not isinstance(entry.get("checksum"), str) or not CHECKSUM.match(entry["checksum"]):
+        _fail(where, f"checksum is missing or malformed ({entry.get('checksum')!r}); every entry must have one")
+    shape = _want_shape(where, "shape", entry.get("shape"))
+    if entry.get("dtype") not in DTYPES:
+        _fail(where, f"dtype must be one of {', '.join(DTYPES)}, got {entry.get('dtype')!r}")
+    if kind == "tied":
+        if not isinstance(entry.get("tied_to"), str):
+            _fail(where, f"tied_to must name a tensor, got {entry.get('tied_to')!r}")
+        return
+    file = entry.get("file")
+    if (stored or file is not None) and (not isinstance(file, str) or not FILE_NAME.match(file)):
+        _fail(where, f"file must be a plain *.safetensors file name in the folder, got {file!r}")
+    if "method" in entry:
+        _validate_quantized(where, entry, shape)
+    elif kind == "quantized":
+        _fail(where, "a quantized entry has no method")
+
+
+def _validate_quantized(where: str, entry: dict, shape: list) -> None:
+    method = entry["method"]
+    if method not in METHODS:
+        _fail(where, f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    rows, cols = _want_shape(where, "qshape", entry.get("qshape"), dims=2)
+    if rows < 1 or cols < 1:
+        _fail(where, f"qshape {entry['qshape']} is empty")
+    transposed = entry.get("transposed")
+    if not isinstance(transposed, bool):
+        _fail(where, f"transposed must be true or false, got {transposed!r}")
+    if shape != ([cols, rows] if transposed else [rows, cols]):
+        _fail(where, f"shape {shape} does not match qshape {entry['qshape']} (transposed: {transposed})")
+    _want_int(where, "seed", entry.get("seed"), 0, (1 << 64) - 1)
+    code_bits = _want_int(where, "code_bits", entry.get("code_bits"), 1, 8)
+    codec = entry.get("codec")
+    if codec not in ("rans", "packed"):
+        _fail(where, f"codec must be 'rans' or 'packed', got {codec!r}")
+    code_shape = _want_shape(where, "code_shape", entry.get("code_shape"))
+    meta = entry.get("meta")
+    if not isinstance(meta, dict):
+        _fail(where, f"meta must be an object, got {meta!r}")
+    if not _is_num(entry.get("bits")):
+        _fail(where, f"bits must be a finite number, got {entry.get('bits')!r}")
+    parts = _validate_parts(where, entry, method)
+    n_codes = math.prod(code_shape)
+    if codec == "packed" and parts["codes"] != [-(-n_codes * code_bits // 8)]:
+        _fail(where, f"packed codes of {n_codes} codes at {code_bits} bits take {-(-n_codes * code_bits // 8)} "
+                     f"bytes, parts.codes says {parts['codes']}")
+    if "awq_scales" in parts and parts["awq_scales"] != [cols]:
+        _fail(where, f"awq_scales must have one value per input feature ({cols}), parts say {parts['awq_scales']}")
+    if method == "absmax":
+        bits = _want_whole(where, "bits", entry["bits"], 2, 8)
+        block = _want_int(where, "block_size", entry.get("block_size"), 16, 256)
+        _expect(where, "code_shape", code_shape, [rows, cols])
+        _expect(where, "code_bits", code_bits, bits)
+        _expect(where, "parts.scales", parts["scales"], [rows, -(-cols // block)])
+        return
+    block = _want_pow2(where, "meta.rotation_block", meta.get("rotation_block"), MIN_BLOCK, MAX_BLOCK)
+    padded = _want_int(where, "meta.padded_cols", meta.get("padded_cols"), cols, cols + MIN_BLOCK - 1)
+    if padded % block:
+        _fail(where, f"meta.padded_cols {padded} is not a multiple of the rotation block {block}")
+    _expect(where, "code_shape", code_shape, [rows, padded])
+    if method == "ecsq":
+        _expect(where, "block_size", entry.get("block_size"), block)
+        _want_int(where, "meta.offset", meta.get("offset"), -(1 << 31), (1 << 31) - 256)
+        g = meta.get("group_rows")
+        if g is not None:
+            _want_int(where, "meta.group_rows", g, 1, rows)
+        _expect(where, "parts.steps", parts["steps"], [1 if g is None else -(-rows // g)])
+        return
+    bits = _want_whole(where, "bits", entry["bits"], 1, 8)
+    _expect(where, "code_bits", code_bits, bits)
+    _expect(where, "parts.codebook", parts["codebook"], [1 << bits])
+    if method == "polar":
+        if not isinstance(meta.get("random_signs"), bool):
+            _fail(where, f"meta.random_signs must be true or false, got {meta.get('random_signs')!r}")
+        group = block
+    else:
+        if meta.get("group") not in ("block", "row"):
+            _fail(where, f"meta.group must be 'block' or 'row', got {meta.get('group')!r}")
+        group = _want_int(where, "meta.dim", meta.get("dim"), 1, padded)
+        _expect(where, "meta.dim", group, block if meta["group"] == "block" else padded)
+    _expect(where, "parts.scales", parts["scales"], [rows, padded // group])
+
+
+def _validate_parts(where: str, entry: dict, method: str) -> dict:
+    """{part: shape} after checking the names, dtypes and shapes the entry lists."""
+    parts = entry.get("parts")
+    allowed = ("codes",) + SIDE_PARTS[method] + OPTIONAL_PARTS
+    if not isinstance(parts, dict):
+        _fail(where, f"parts must be an object, got {parts!r}")
+    missing = [p for p in ("codes",) + SIDE_PARTS[method] if p not in parts]
+    unknown = [p for p in parts if p not in allowed]
+    if missing or unknown:
+        _fail(where, f"parts must be {', '.join(allowed[:-1])} (and optionally awq_scales); "
+                     + (f"missing {missing}" if missing else f"unknown {unknown}"))
+    out = {}
+    for part, spec in parts.items():
+        if not isinstance(spec, dict):
+            _fail(where, f"parts.{part} must be an object, got {spec!r}")
+        if spec.get("dtype") != PART_DTYPES[part]:
+            _fail(where, f"parts.{part} must be stored as {PART_DTYPES[part]}, the manifest says {spec.get('dtype')!r}")
+        out[part] = _want_shape(where, f"parts.{part}.shape", spec.get("shape"), dims=None if part == "scales" else 1)
+    return out
+
+
+# ---- checksums ------------------------------------------------------------------------------------
+#
+# An entry's checksum covers what it stores *and* how it is read: CRC-32C over the stored
+# tensors' bytes (codes, then the other parts by name; the tensor itself; nothing for a tied
+# entry), continued over the canonical JSON of [name, the entry without its checksum]. The
+# manifest's checksum is the CRC-32C of the canonical JSON of {"marker", "tensors": {name:
+# entry checksum}}.
+
+
+def canonical_json(obj, where: str) -> bytes:
+    try:
+        return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+    except (TypeError, ValueError, RecursionError) as e:
+        raise FormatError(f"{where}: not canonical JSON ({e})") from e
+
+
+def entry_checksum(name: str, entry: dict, tensors: dict) -> str:
+    """"crc32c:%08x" of an entry's stored tensors (part -> tensor, "tensor" for an unquantized
+    entry, none for a tied one) and its recipe, as docs/FORMAT.md defines it."""
+    crc = 0
+    if entry.get("kind") != "tied":
+        order = _part_order(entry["parts"]) if _is_quantized(entry) else ["tensor"]
+        for part in order:
+            crc = crc32c(tensors[part], crc)
+    recipe = [name, {k: v for k, v in entry.items() if k != "checksum"}]
+    return f"crc32c:{crc32c(canonical_json(recipe, name), crc):08x}"
+
+
+def manifest_checksum(manifest: dict, where: str = MANIFEST) -> str:
+    listing = {"marker": manifest.get("marker"),
+               "tensors": {n: e.get("checksum") if isinstance(e, dict) else None
+                           for n, e in manifest["tensors"].items()}}
+    return f"crc32c:{crc32c(canonical_json(listing, where)):08x}"
+
+
+# ---- dequantization -------------------------------------------------------------------------------
 
 
 def _dtype(name, where: str) -> torch.dtype:
@@ -438,8 +778,8 @@ def _dtype_name(dt: torch.dtype) -> str:
     return str(dt).removeprefix("torch.")
 
 
-def _is_quantized(entry: dict) -> bool:
-    return entry.get("kind") in QUANTIZED_KINDS and "method" in entry
+def _is_quantized(entry) -> bool:
+    return isinstance(entry, dict) and entry.get("kind") in QUANTIZED_KINDS and "method" in entry
 
 
 def _part_order(parts) -> list:
@@ -447,53 +787,85 @@ def _part_order(parts) -> list:
     return (["codes"] if "codes" in parts else []) + sorted(p for p in parts if p != "codes")
 
 
-def _tensor_bytes(t: torch.Tensor) -> np.ndarray:
-    t = t.detach().cpu().contiguous()
-    return t.reshape(-1).view(torch.uint8).numpy() if t.numel() else np.zeros(0, np.uint8)
+def _stored_names(name: str, entry: dict) -> dict:
+    """part -> safetensors tensor name ("tensor" for an unquantized entry)."""
+    if _is_quantized(entry):
+        return {p: f"{name}.{p}" for p in entry["parts"]}
+    return {"tensor": name}
+
+
+def check_side(name: str, entry: dict, tensors: dict) -> None:
+    """Side tensors must be finite (steps and AWQ scales also positive): a NaN step would
+    otherwise turn every weight of a row into NaN without a word. And they must not imply
+    weights beyond float32's range (eoq.repo.check_side)."""
+    for part in _part_order(tensors):
+        t = tensors[part]
+        if part == "codes" or not t.is_floating_point():
+            continue
+        bad = ~torch.isfinite(t)
+        if part in ("steps", "awq_scales"):
+            bad |= t <= 0
+        if bool(bad.any()):
+            i = int(bad.reshape(-1).nonzero()[0])
+            raise FormatError(f"{name}.{part}: value {float(t.reshape(-1)[i])} at index {i} is not "
+                              f"{'finite and positive' if part in ('steps', 'awq_scales') else 'finite'}")
+    # Finite sides can still overflow: a step of 1e38 times a code of 100 is inf. Bound the
+    # largest weight they can give (an orthonormal inverse rotation grows a value by at most
+    # sqrt(block)) and refuse what float32 cannot hold; real weights are below 1e4.
+    meta = entry["meta"]
+    if entry["method"] == "absmax":  # at most 128 * 65504
+        return
+    if entry["method"] == "ecsq":
+        code = max(abs(meta["offset"]), abs(meta["offset"] + 255))
+        scale = float(tensors["steps"].abs().max())
+    else:
+        code = float(tensors["codebook"].abs().max())
+        scale = float(tensors["scales"].float().abs().max()) if tensors["scales"].numel() else 0.0
+    bound = code * scale * math.sqrt(meta["rotation_block"])
+    if "awq_scales" in tensors:
+        bound /= float(tensors["awq_scales"].float().min())
+    if not bound < MAX_WEIGHT:
+        raise FormatError(f"{name}: its steps / scales give weights up to {bound:.3g}, beyond float32's range")
 
 
 def verify_entry(name: str, entry: dict, tensors: dict) -> None:
-    """Checks the stored tensors against the entry: parts, dtypes, shapes, then the checksum."""
-    if _is_quantized(entry):
-        specs = entry.get("parts")
-        if not isinstance(specs, dict) or "codes" not in specs:
-            raise FormatError(f"{name}: the manifest lists no 'codes' part")
-        missing = sorted(set(specs) - set(tensors))
-        if missing:
-            raise FormatError(f"{name}: stored parts {missing} are missing")
-        checks = [(f"{name}.{p}", tensors[p], specs[p]) for p in specs]
-        order = [tensors[p] for p in _part_order(specs)]
-    else:
-        if "tensor" not in tensors:
-            raise FormatError(f"{name}: the tensor is missing")
-        checks = [(name, tensors["tensor"], entry)]
-        order = [tensors["tensor"]]
-    for what, t, spec in checks:
-        want = _dtype(spec.get("dtype"), what)
-        if t.dtype != want or list(t.shape) != [int(s) for s in spec.get("shape", [])]:
+    """Checks the stored tensors against a validated entry: every part with its dtype and
+    shape, the checksum (bytes and recipe), then the side tensors' values."""
+    keys = _stored_names(name, entry)
+    missing = sorted(set(keys) - set(tensors))
+    if missing:
+        raise FormatError(f"{name}: stored parts {missing} are missing" if _is_quantized(entry) else
+                          f"{name}: the tensor is missing")
+    specs = entry["parts"] if _is_quantized(entry) else {"tensor": entry}
+    for part in keys:
+        t, spec = tensors[part], specs[part]
+        what = f"{name}.{part}" if _is_quantized(entry) else name
+        if not isinstance(t, torch.Tensor):
+            raise FormatError(f"{what}: not a tensor ({type(t).__name__})")
+        if _dtype_name(t.dtype) != spec["dtype"] or list(t.shape) != list(spec["shape"]):
             raise FormatError(f"{what}: stored as {_dtype_name(t.dtype)} {list(t.shape)}, the manifest says "
-                              f"{spec.get('dtype')} {spec.get('shape')}")
-    if "checksum" in entry:
-        crc = 0
-        for t in order:
-            crc = zlib.crc32(_tensor_bytes(t), crc)
-        got = f"crc32:{crc & 0xFFFFFFFF:08x}"
-        if got != entry["checksum"]:
-            raise FormatError(f"{name}: checksum mismatch (stored bytes give {got}, the manifest says "
-                              f"{entry['checksum']}); the file is damaged")
+                              f"{spec['dtype']} {spec['shape']}")
+    got = entry_checksum(name, entry, tensors)
+    if got != entry["checksum"]:
+        raise FormatError(f"{name}: checksum mismatch (the stored bytes and recipe give {got}, the manifest says "
+                          f"{entry['checksum']}); the file or the manifest is damaged")
+    if _is_quantized(entry):
+        check_side(name, entry, {p: tensors[p] for p in keys})
 
 
 def decode_codes(name: str, entry: dict, stream, decoded=None) -> torch.Tensor:
-    """The entry's codes as a uint8 tensor of code_shape (decoded: an already rANS-decoded array)."""
+    """The entry's codes as a uint8 tensor of code_shape (decoded: an already rANS-decoded
+    array). A rANS stream's declared count is checked against code_shape before decoding."""
     shape = [int(s) for s in entry["code_shape"]]
-    n = int(np.prod(shape, dtype=np.int64))
+    n = math.prod(shape)
     try:
         if decoded is not None:
             codes = decoded
         elif entry.get("codec") == "rans":
-            codes = rans_decode(stream)
+            codes = rans_decode(stream, expected=n)
         elif entry.get("codec") == "packed":
-            codes = unpack_bits(_tensor_bytes(stream), int(entry["code_bits"]), n)
+            codes = unpack_bits(_tensor_bytes(stream) if isinstance(stream, torch.Tensor) else stream,
+                                int(entry["code_bits"]), n)
         else:
             raise FormatError(f"{name}: unknown codec {entry.get('codec')!r}")
     except CorruptStreamError as e:
@@ -501,7 +873,6 @@ def decode_codes(name: str, entry: dict, stream, decoded=None) -> torch.Tensor:
     if codes.size != n:
         raise FormatError(f"{name}.codes: decodes to {codes.size} codes, the manifest says {shape}")
     return torch.from_numpy(np.ascontiguousarray(codes)).view(shape)
-
 
 def _absmax(entry, codes, p) -> torch.Tensor:
     # cpp/absmax.cpp: float(int(code) - 2^(bits-1)) * float(scale16), one scale per block of a row
@@ -557,41 +928,38 @@ _DEQUANTIZE = {"absmax": _absmax, "polar": _polar, "turbo": _turbo, "ecsq": _ecs
 
 
 def dequantize_entry(name: str, entry: dict, tensors: dict, dtype=None, codes=None) -> torch.Tensor:
-    """One stored parameter from its manifest entry and stored tensors, verified first.
+    """One stored parameter from its manifest entry and stored tensors, validated and verified first.
 
     tensors: part name -> tensor (``codes``, ``scales``, ...; ``tensor`` for a passthrough
     entry). The result equals eoq's (``QuantizedTensor.dequantize`` and the transpose back)
     bit for bit, in the entry's dtype or `dtype`. codes: the codes already rANS-decoded
     (read_folder decodes many streams together), else they are decoded here.
     """
-    if entry.get("kind") == "tied":
+    validate_entry(name, entry, name, stored=False)
+    if entry["kind"] == "tied":
         raise FormatError(f"{name}: a tied entry stores nothing (it is {entry.get('tied_to')!r})")
     verify_entry(name, entry, tensors)
     return _dequantize(name, entry, tensors, dtype, codes)
 
 
 def _dequantize(name: str, entry: dict, tensors: dict, dtype, codes) -> torch.Tensor:
-    """dequantize_entry after verify_entry."""
+    """dequantize_entry after validate_entry and verify_entry (a copy: nothing returned
+    refers to the stored tensors)."""
     dtype = _dtype(dtype, "dtype") if dtype is not None else None
     if not _is_quantized(entry):
         t = tensors["tensor"]
-        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+        return t.to(dtype) if dtype is not None and t.is_floating_point() and t.dtype != dtype else t.clone()
     out_dtype = dtype or _dtype(entry["dtype"], name)
     method = entry["method"]
-    if method not in _DEQUANTIZE:
-        raise FormatError(f"{name}: unknown method {method!r}")
-    absent = [s for s in SIDE_PARTS[method] if s not in tensors]
-    if absent:
-        raise FormatError(f"{name}: {method} needs the parts {absent}")
     q = decode_codes(name, entry, tensors["codes"], codes)
     try:
         w = _DEQUANTIZE[method](entry, q, tensors)
         if "awq_scales" in tensors:  # AWQ scaled the input columns before quantizing
             w = w / tensors["awq_scales"].float()
         w = w.to(out_dtype)
-    except (KeyError, TypeError, RuntimeError, ValueError) as e:
+    except (KeyError, TypeError, RuntimeError, ValueError, IndexError) as e:
         if isinstance(e, FormatError):
-            raise
+            raise FormatError(f"{name}: {e}") from e
         raise FormatError(f"{name}: cannot dequantize ({type(e).__name__}: {e})") from e
     if entry.get("transposed"):
         w = w.t().contiguous()
@@ -603,127 +971,286 @@ def _dequantize(name: str, entry: dict, tensors: dict, dtype, codes) -> torch.Te
 # ---- the folder -----------------------------------------------------------------------------------
 
 
+def _read_json(file: str, what: str):
+    try:
+        if os.path.getsize(file) > MAX_MANIFEST_BYTES:
+            raise FormatError(f"{file}: more than {MAX_MANIFEST_BYTES} bytes, more than any {what}; refusing to parse")
+        with open(file, "rb") as f:
+            raw = f.read(MAX_MANIFEST_BYTES + 1)
+        if len(raw) > MAX_MANIFEST_BYTES:
+            raise FormatError(f"{file}: more than {MAX_MANIFEST_BYTES} bytes, more than any {what}; refusing to parse")
+        return json.loads(raw)
+    except (OSError, ValueError, RecursionError) as e:
+        if isinstance(e, FormatError):
+            raise
+        raise FormatError(f"{file}: unreadable or not JSON ({type(e).__name__}: {e})") from e
+
+
 def read_manifest(path) -> dict:
+    """The manifest of a folder: at most 256 MB, format and version 2, every field validated,
+    its own checksum checked (entries' checksums are checked against the bytes by read_folder)."""
     file = os.path.join(path, MANIFEST)
     if not os.path.isfile(file):
         raise FormatError(f"{path}: no {MANIFEST}; not an eoq-quantized folder")
-    try:
-        with open(file, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except (OSError, ValueError) as e:
-        raise FormatError(f"{file}: unreadable or not JSON ({e})") from e
+    manifest = _read_json(file, "manifest")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         got = manifest.get("format") if isinstance(manifest, dict) else None
         raise FormatError(f"{file}: not an eoq manifest (format {got!r}, expected {FORMAT!r})")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise FormatError(f"{file}: format version {manifest.get('format_version')!r} is not supported by this "
-                          f"loader (it reads version {FORMAT_VERSION})")
-    if not isinstance(manifest.get("tensors"), dict):
-        raise FormatError(f"{file}: no 'tensors' table")
+                          f"loader (it reads version {FORMAT_VERSION}); use the load_quantized.py the folder came with")
+    validate_manifest(manifest, file)
+    got = manifest_checksum(manifest, file)
+    if got != manifest["checksum"]:
+        raise FormatError(f"{file}: manifest checksum mismatch (its entries give {got}, it says "
+                          f"{manifest['checksum']}): an entry was added, removed or changed")
     return manifest
 
 
-def _stored_names(name: str, entry: dict) -> dict:
-    """part -> safetensors tensor name."""
-    if _is_quantized(entry):
-        return {p: f"{name}.{p}" for p in entry.get("parts", {})}
-    return {"tensor": name}
+def weight_files(path) -> dict:
+    """tensor name -> safetensors file, from the shard index or the single file. Index entries
+    must be plain file names in the folder (no directory part, no '..'), and present."""
+    index_file = os.path.join(path, INDEX)
+    if os.path.isfile(index_file):
+        index = _read_json(index_file, "shard index")
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict):
+            raise FormatError(f"{index_file}: no 'weight_map' object")
+        for key, file in weight_map.items():
+            if not isinstance(file, str) or not FILE_NAME.match(file):
+                raise FormatError(f"{index_file}: tensor {key!r} is mapped to {file!r}, which is not a plain "
+                                  "*.safetensors file name in the folder")
+        files = {k: os.path.join(path, v) for k, v in weight_map.items()}
+        for f in sorted(set(files.values())):
+            if not os.path.isfile(f):
+                raise FormatError(f"{index_file} names {os.path.basename(f)}, which is missing")
+        return files
+    single = os.path.join(path, WEIGHTS)
+    if not os.path.isfile(single):
+        raise FormatError(f"{path}: neither {WEIGHTS} nor {INDEX} is present")
+    return {k: single for k in read_header(single)}
 
 
-class _Files:
-    """The folder's safetensors files, opened once each."""
-
-    def __init__(self, path):
-        self.path, self.open, self.weight_map = path, {}, None
-
-    def locate(self, key: str) -> str:
-        """The file holding key, for an entry without "file": from the shard index, else the single file."""
-        if self.weight_map is None:
-            index = os.path.join(self.path, INDEX)
-            try:
-                with open(index, encoding="utf-8") as f:
-                    self.weight_map = json.load(f)["weight_map"]
-            except FileNotFoundError:
-                self.weight_map = {}
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise FormatError(f"{index}: unreadable shard index ({e})") from e
-        return self.weight_map.get(key, WEIGHTS)
-
-    def get(self, file: str, key: str, owner: str) -> torch.Tensor:
-        if not isinstance(file, str) or os.path.basename(file) != file or not file.endswith(".safetensors"):
-            raise FormatError(f"{owner}: bad file name {file!r} in the manifest")
-        if file not in self.open:
-            from safetensors import safe_open
-
-            full = os.path.join(self.path, file)
-            if not os.path.isfile(full):
-                raise FormatError(f"{full}: missing (the manifest stores {owner} there)")
-            try:
-                self.open[file] = safe_open(full, framework="pt", device="cpu")
-            except Exception as e:  # safetensors raises its own error types
-                raise FormatError(f"{full}: not a readable safetensors file ({e})") from e
-        f = self.open[file]
-        if key not in f.keys():
-            raise FormatError(f"{os.path.join(self.path, file)}: tensor {key!r} is missing")
-        return f.get_tensor(key)
-
-
-def _read_entry(files: _Files, name: str, entry: dict) -> dict:
-    keys = _stored_names(name, entry)
-    file = entry.get("file") or files.locate(next(iter(keys.values())))
-    tensors = {p: files.get(file, key, name) for p, key in keys.items()}
+def read_header(path) -> dict:
+    """{key: (dtype name, shape, begin, end)} of a safetensors file, offsets absolute, every
+    length checked against the file before it is trusted: the header within the file and at
+    most 100 MB, every tensor inside the data section with numel * itemsize bytes, no overlaps."""
+    path = os.fspath(path)
     try:
-        verify_entry(name, entry, tensors)
-    except FormatError as e:
-        raise FormatError(f"{os.path.join(files.path, str(file))}: {e}") from e
-    return file, tensors
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 8:
+                raise FormatError(f"{path}: {size} bytes, too short for a safetensors header")
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > min(MAX_HEADER, size - 8):
+                raise FormatError(f"{path}: header length {n} exceeds the file ({size} bytes) or {MAX_HEADER}")
+            raw = f.read(n)
+    except (OSError, struct.error) as e:
+        raise FormatError(f"{path}: unreadable ({e})") from e
+    try:
+        header = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise FormatError(f"{path}: the safetensors header is not JSON ({type(e).__name__}: {e})") from e
+    if not isinstance(header, dict):
+        raise FormatError(f"{path}: the safetensors header is not a JSON object")
+    start, data = 8 + n, size - 8 - n
+    out, spans = {}, []
+    for key, spec in header.items():
+        if key == "__metadata__":
+            continue
+        ok = (isinstance(spec, dict) and spec.get("dtype") in ST_DTYPES and isinstance(spec.get("shape"), list)
+              and len(spec["shape"]) <= MAX_DIMS and all(_is_int(s) and s >= 0 for s in spec["shape"])
+              and isinstance(spec.get("data_offsets"), list) and len(spec["data_offsets"]) == 2
+              and all(_is_int(v) for v in spec["data_offsets"]))
+        if not ok:
+            raise FormatError(f"{path}: tensor {key!r} has a malformed header entry {str(spec)[:200]}")
+        dtype, shape = ST_DTYPES[spec["dtype"]], list(spec["shape"])
+        b, e = spec["data_offsets"]
+        itemsize = torch.empty((), dtype=_dtype(dtype, path)).element_size()
+        if not 0 <= b <= e <= data or e - b != math.prod(shape) * itemsize:
+            raise FormatError(f"{path}: tensor {key!r} ({spec['dtype']} {shape}) claims bytes [{b}, {e}) of a "
+                              f"{data}-byte data section")
+        out[key] = (dtype, shape, start + b, start + e)
+        spans.append((b, e, key))
+    spans.sort()
+    for (b0, e0, k0), (b1, e1, k1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise FormatError(f"{path}: tensors {k0!r} and {k1!r} overlap")
+    return out
 
 
-def read_folder(path, dtype=None) -> tuple:
-    """(manifest, state_dict): every stored parameter, verified and dequantized.
+class _Folder:
+    """A folder's manifest and stored tensors, cross-checked before any byte is used: the
+    stored tensors are exactly the manifest's parts and the marker, with the dtypes, shapes
+    and files it gives, and nothing else (eoq.folder.Folder)."""
+
+    def __init__(self, path, manifest=None):
+        self.path = os.fspath(path)
+        self.manifest = manifest if manifest is not None else read_manifest(self.path)
+        self.files = weight_files(self.path)
+        self.headers = {}
+        self._maps = {}
+        for file in sorted(set(self.files.values())):
+            for key, spec in read_header(file).items():
+                if self.files.get(key) != file:
+                    raise FormatError(f"{file}: holds tensor {key!r}, which the shard index puts elsewhere or omits")
+                self.headers[key] = (file,) + spec
+        unstored = sorted(set(self.files) - set(self.headers))
+        if unstored:
+            raise FormatError(f"{os.path.join(self.path, INDEX)}: lists {unstored[0]!r} in "
+                              f"{os.path.basename(self.files[unstored[0]])}, which does not hold it")
+        self._check_keys()
+
+    def _check_keys(self) -> None:
+        tensors, marker = self.manifest["tensors"], self.manifest.get("marker")
+        expected = {}
+        for name, entry in tensors.items():
+            if entry["kind"] == "tied":
+                continue
+            specs = entry["parts"] if _is_quantized(entry) else {"tensor": entry}
+            for part, key in _stored_names(name, entry).items():
+                expected[key] = (name, entry["file"], specs[part]["dtype"], specs[part]["shape"])
+        if marker is not None:
+            expected[marker] = (marker, tensors[marker]["file"], "uint8", [len(MARKER_TEXT.encode())])
+        for key, (name, file, dtype, shape) in expected.items():
+            if key not in self.headers:
+                raise FormatError(f"{os.path.join(self.path, file)}: tensor {key!r} of {name} is missing from the "
+                                  "weights")
+            got_file, got_dtype, got_shape = self.headers[key][:3]
+            if os.path.basename(got_file) != file:
+                raise FormatError(f"{got_file}: holds {key!r}, which the manifest puts in {file}")
+            if got_dtype != dtype or got_shape != list(shape):
+                raise FormatError(f"{got_file}: tensor {key!r} is stored as {got_dtype} {got_shape}, the manifest "
+                                  f"says {dtype} {list(shape)}")
+        extra = sorted(set(self.headers) - set(expected))
+        if extra:
+            raise FormatError(f"{self.headers[extra[0]][0]}: holds tensor {extra[0]!r}, which the manifest does not "
+                              "list" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """A stored tensor as a view of its file (a copy-on-write map: reading copies nothing)."""
+        file, dtype, shape, b, e = self.headers[key]
+        dt = _dtype(dtype, file)
+        if file not in self._maps:
+            try:
+                with open(file, "rb") as f:
+                    self._maps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            except (OSError, ValueError) as err:
+                raise FormatError(f"{file}: cannot map ({err})") from err
+        m = self._maps[file]
+        if len(m) < e:
+            raise FormatError(f"{file}: shorter than its header says (truncated?)")
+        if e == b:
+            return torch.empty(shape, dtype=dt)
+        size = torch.empty((), dtype=dt).element_size()
+        if b % size:  # torch wants its elements aligned
+            return torch.frombuffer(bytearray(m[b:e]), dtype=dt).view(shape)
+        return torch.frombuffer(m, dtype=dt, count=(e - b) // size, offset=b).view(shape)
+
+    def parts(self, name: str) -> dict:
+        entry = self.manifest["tensors"][name]
+        return {part: self.tensor(key) for part, key in _stored_names(name, entry).items()}
+
+    def verify(self) -> None:
+        """Every entry's checksum and side tensors, then the marker's text."""
+        tensors = self.manifest["tensors"]
+        for name in sorted(tensors):
+            entry = tensors[name]
+            if entry["kind"] == "tied":
+                got = entry_checksum(name, entry, {})
+                if got != entry["checksum"]:
+                    raise FormatError(f"{os.path.join(self.path, MANIFEST)}: {name}: checksum mismatch ({got}, the "
+                                      f"manifest says {entry['checksum']}); the manifest is damaged")
+                continue
+            try:
+                verify_entry(name, entry, self.parts(name))
+            except FormatError as e:
+                raise FormatError(f"{os.path.join(self.path, entry['file'])}: {e}") from None
+        marker = self.manifest.get("marker")
+        if marker is not None and _tensor_bytes(self.tensor(marker)).tobytes() != MARKER_TEXT.encode():
+            raise FormatError(f"{os.path.join(self.path, tensors[marker]['file'])}: the marker tensor {marker!r} "
+                              "is damaged")
+
+    def close(self) -> None:
+        """Unmap the files (a view still alive keeps its map until it goes)."""
+        for m in self._maps.values():
+            try:
+                m.close()
+            except BufferError:
+                pass
+        self._maps.clear()
+
+
+_FOLDER_ERRORS = (KeyError, TypeError, IndexError, AttributeError, ValueError, OverflowError, RecursionError,
+                  struct.error, OSError)
+
+
+def read_folder(path, dtype=None, manifest=None) -> tuple:
+    """(manifest, state_dict): every stored parameter, dequantized, after the whole folder has
+    been checked (manifest, shard index, headers, stored tensors, every checksum and side
+    tensor, the marker).
 
     Tied entries are left out (the model ties them); the marker tensor is ignored. rANS
     streams are decoded a few tens of millions of codes at a time, many side by side.
     """
-    manifest = read_manifest(path)
-    files = _Files(path)
-    entries = manifest["tensors"]
+    path = os.fspath(path)
+    try:
+        folder = _Folder(path, manifest)
+        try:
+            return _read_folder(folder, dtype)
+        finally:
+            folder.close()
+    except FormatError:
+        raise
+    except _FOLDER_ERRORS as e:  # a check missed: still a bad folder, never another error type
+        raise FormatError(f"{path}: unreadable folder ({type(e).__name__}: {e})") from e
+
+
+def _read_folder(folder: "_Folder", dtype) -> tuple:
+    folder.verify()
+    path, entries = folder.path, folder.manifest["tensors"]
     state = {}
     pending, size = [], 0
 
     def flush():
-        decoded = _decode_streams([(f"{os.path.join(path, f)}: {n}", t["codes"]) for n, f, e, t in pending])
-        for (n, _, e, t), codes in zip(pending, decoded):
-            state[n] = _dequantize(n, e, t, dtype, codes)
+        decoded = _decode_streams([(os.path.join(path, e["file"]) + f": {n}", t["codes"], math.prod(e["code_shape"]))
+                                   for n, e, t in pending])
+        for (n, e, t), codes in zip(pending, decoded):
+            state[n] = _dequantize_in(folder, n, e, t, dtype, codes)
         pending.clear()
 
     for name in sorted(entries):
         entry = entries[name]
-        if not isinstance(entry, dict) or "kind" not in entry:
-            raise FormatError(f"{path}: manifest entry {name!r} has no kind")
         if entry["kind"] == "tied":
             continue
-        file, tensors = _read_entry(files, name, entry)
-        if _is_quantized(entry) and entry.get("codec") == "rans":
-            pending.append((name, file, entry, tensors))
-            size += int(np.prod(entry["code_shape"], dtype=np.int64))
+        tensors = folder.parts(name)
+        if _is_quantized(entry) and entry["codec"] == "rans":
+            pending.append((name, entry, tensors))
+            size += math.prod(entry["code_shape"])
             if size >= _BATCH_SYMBOLS:
                 flush()
                 size = 0
         else:
-            state[name] = _dequantize(name, entry, tensors, dtype, None)
+            state[name] = _dequantize_in(folder, name, entry, tensors, dtype, None)
     if pending:
         flush()
-    return manifest, {n: state[n] for n in sorted(state)}
+    return folder.manifest, {n: state[n] for n in sorted(state)}
+
+
+def _dequantize_in(folder: "_Folder", name: str, entry: dict, tensors: dict, dtype, codes) -> torch.Tensor:
+    try:
+        return _dequantize(name, entry, tensors, dtype, codes)
+    except FormatError as e:
+        raise FormatError(f"{os.path.join(folder.path, entry['file'])}: {e}") from None
 
 
 def _decode_streams(items) -> list:
-    """rans_decode_many over (label, stream) pairs; a corrupt stream's error names its label."""
+    """rans_decode_many over (label, stream, expected count) triples, each stream's declared
+    count checked before anything is allocated; a corrupt stream's error names its label."""
     try:
-        return rans_decode_many([s for _, s in items])
+        return rans_decode_many([s for _, s, _ in items], [n for _, _, n in items])
     except CorruptStreamError as e:
         raise FormatError(f"{items[getattr(e, 'stream', 0)][0]}.codes: corrupt code stream ({e})") from e
-
 
 # ---- the model ------------------------------------------------------------------------------------
 
@@ -736,6 +1263,9 @@ def _eoq_loader(required: bool):
             raise ImportError(f"use_eoq=True but eoq is not importable ({e})") from e
         return None
     fn = getattr(eoq, "load_quantized", None)
+    version = getattr(getattr(eoq, "repo", None), "FORMAT_VERSION", FORMAT_VERSION)
+    if not required and version != FORMAT_VERSION:
+        return None  # an eoq for another format version: this file reads the folder it came with
     if fn is None and required:
         raise ImportError(f"use_eoq=True but this eoq ({getattr(eoq, '__version__', '?')}) has no load_quantized")
     return fn
@@ -745,7 +1275,10 @@ def read_config(path):
     """config.json as transformers reads it, without its quantization_config."""
     import transformers
 
-    config = transformers.AutoConfig.from_pretrained(path)
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise FormatError(f"{os.path.join(path, 'config.json')}: unreadable ({type(e).__name__}: {e})") from e
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the weights given to the model are plain tensors
     return config
@@ -761,11 +1294,30 @@ def config_dtype(config):
     return dt if dt.is_floating_point else None
 
 
+def _name_map(path, keys, tensors: dict) -> dict:
+    """model state_dict key -> manifest name, tolerating a base-model prefix difference
+    (``model.layers.0...`` against ``layers.0...``); a key no entry covers would keep its
+    random initialisation: an error (eoq.hf_quantizer does the same)."""
+    out = {}
+    for key in keys:
+        if key in tensors:
+            out[key] = key
+            continue
+        found = [n for n in tensors if n.endswith("." + key) or key.endswith("." + n)]
+        if len(found) != 1:
+            raise FormatError(f"{path}: the model's parameter {key!r} has "
+                              f"{'no entry' if not found else 'several entries ' + str(found[:4])} in {MANIFEST}; "
+                              "it would not be loaded from the folder")
+        out[key] = found[0]
+    return out
+
+
 def build_model(path, state_dict: dict, manifest: dict, config=None, device="cpu"):
     """The transformers model of config.json with the weights of state_dict, in eval mode.
 
-    Every parameter must come from state_dict, or be tied to one that does (by the model's
-    own tying, or by a manifest "tied" entry).
+    Every entry of the model's state_dict must come from a manifest entry (stored, or tied to
+    a stored one): nothing is left at its random initialisation, and every stored tensor
+    must be used.
     """
     import transformers
 
@@ -776,29 +1328,29 @@ def build_model(path, state_dict: dict, manifest: dict, config=None, device="cpu
         raise FormatError(f"{os.path.join(path, 'config.json')}: architecture {archs[:1]} is not a transformers "
                           f"model class")
     floats = [t.dtype for t in state_dict.values() if t.is_floating_point()]
-    model = _construct(cls, config, max(set(floats), key=floats.count) if floats else None)
-    result = model.load_state_dict(state_dict, strict=False, assign=True)
-    if result.unexpected_keys:
-        raise FormatError(f"{path}: {len(result.unexpected_keys)} stored parameters are not in {archs[0]}: "
-                          f"{sorted(result.unexpected_keys)[:8]}")
+    try:
+        model = _construct(cls, config, max(set(floats), key=floats.count) if floats else None)
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
+        raise FormatError(f"{os.path.join(path, 'config.json')}: cannot build {archs[0]} from it "
+                          f"({type(e).__name__}: {e})") from e
     entries = manifest["tensors"]
-    tied = {k: entries[k].get("tied_to") for k in result.missing_keys
-            if isinstance(entries.get(k), dict) and entries[k].get("kind") == "tied"}
+    names = _name_map(path, list(model.state_dict().keys()), entries)
+    sd, used = {}, set()
+    for key, name in names.items():
+        entry = entries[name]
+        source = entry["tied_to"] if entry["kind"] == "tied" else name
+        if source not in state_dict:
+            raise FormatError(f"{path}: the model's parameter {key!r} ({name}) has no stored tensor {source!r}")
+        sd[key] = state_dict[source]
+        used.add(source)
+    unused = sorted(set(state_dict) - used)
+    if unused:
+        raise FormatError(f"{path}: {len(unused)} stored parameters are not in {archs[0]}: {unused[:8]}")
+    try:
+        model.load_state_dict(sd, strict=True, assign=True)
+    except RuntimeError as e:
+        raise FormatError(f"{path}: the folder's tensors do not fit {archs[0]} ({e})") from e
     model.tie_weights()
-    params = dict(model.named_parameters(remove_duplicate=False))
-    for key, target in tied.items():
-        if target not in state_dict:
-            raise FormatError(f"{path}: {key} is tied to {target!r}, which is not stored")
-        if key in params and params[key].data_ptr() != params.get(target, params[key]).data_ptr():
-            # The model does not tie them itself: give it the stored copy they share.
-            model.load_state_dict({key: state_dict[target]}, strict=False, assign=True)
-    # What the model ties itself (transformers' save_pretrained may leave a tied head out of
-    # the checkpoint, and so out of the manifest) is covered by the parameter it now shares.
-    params = dict(model.named_parameters(remove_duplicate=False))
-    loaded = {id(params[k]) for k in state_dict if k in params}
-    missing = sorted(k for k in result.missing_keys if k in params and id(params[k]) not in loaded)
-    if missing:
-        raise FormatError(f"{path}: {len(missing)} parameters of {archs[0]} are not in the folder: {missing[:8]}")
     model.to(device)
     return model.eval()
 
@@ -835,12 +1387,14 @@ def load(path=None, dtype=None, device="cpu", use_eoq=None):
         if fn is not None:
             model, _manifest = fn(path, dtype=dtype, device=device)
             return model
-    read_manifest(path)  # a clear error before transformers meets an unknown folder
+    manifest = read_manifest(path)  # a clear error before transformers meets an unknown folder
     config = read_config(path)
-    manifest, state = read_folder(path, dtype=dtype or config_dtype(config))
+    manifest, state = read_folder(path, dtype=dtype or config_dtype(config), manifest=manifest)
     return build_model(path, state, manifest, config=config, device=device)
 
 
-__all__ = ["load", "read_folder", "read_manifest", "dequantize_entry", "verify_entry", "decode_codes", "build_model",
-           "read_config", "rans_decode", "rans_decode_many", "rans_parse", "unpack_bits", "crc32c", "crc32c_many",
-           "inverse_hadamard", "hadamard_signs", "CorruptStreamError", "FormatError"]
+__all__ = ["load", "read_folder", "read_manifest", "validate_manifest", "validate_entry", "weight_files",
+           "read_header", "entry_checksum", "manifest_checksum", "dequantize_entry", "verify_entry", "check_side",
+           "decode_codes", "build_model", "read_config", "rans_decode", "rans_decode_many", "rans_parse",
+           "unpack_bits", "crc32c", "crc32c_many", "inverse_hadamard", "hadamard_signs", "CorruptStreamError",
+           "FormatError"]
