@@ -6,8 +6,10 @@ CorruptStreamError.__doc__ = "A coded stream (rANS, packed bits) is corrupt or t
 CorruptStreamError.__module__ = "eoq"
 
 
-class FormatError(ValueError):
-    """A quantized folder that is missing, damaged, or disagrees with its manifest; the message
-    names the file, the tensor and the problem."""
+# One class for both readers: the stand-alone loader (copied into every folder, runnable
+# without eoq) defines it, and eoq's own reader uses that loader's validation code.
+from .standalone.load_quantized import FormatError  # noqa: E402
 
-    __module__ = "eoq"
+FormatError.__doc__ = ("A quantized folder that is missing, damaged, or disagrees with its manifest; the message "
+                       "names the file, the tensor and the problem.")
+FormatError.__module__ = "eoq"

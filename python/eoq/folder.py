@@ -28,92 +28,22 @@ import torch
 
 from . import repo
 from .errors import FormatError
-from .validate import FILE_NAME
+from .standalone import load_quantized as _reader
 
-ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-             "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
-             "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
 
 
 def weight_files(folder: os.PathLike) -> dict[str, str]:
-    """tensor name -> safetensors file, from the shard index or the single file. Index entries
-    must be plain file names in the folder."""
-    folder = pathlib.Path(folder)
-    index_file = folder / repo.INDEX
-    if index_file.is_file():
-        try:
-            if index_file.stat().st_size > repo.MAX_MANIFEST_BYTES:
-                raise ValueError(f"{index_file.stat().st_size} bytes, more than any shard index")
-            index = json.loads(index_file.read_bytes())
-            weight_map = index["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError("weight_map is not an object")
-        except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
-            raise FormatError(f"{index_file}: unreadable shard index ({type(e).__name__}: {e})") from e
-        for key, file in weight_map.items():
-            if not isinstance(file, str) or not FILE_NAME.match(file):
-                raise FormatError(f"{index_file}: tensor {key!r} is mapped to {file!r}, which is not a plain "
-                                  "*.safetensors file name in the folder")
-        files = {k: str(folder / v) for k, v in weight_map.items()}
-        for f in sorted(set(files.values())):
-            if not os.path.isfile(f):
-                raise FormatError(f"{index_file} names {os.path.basename(f)}, which is missing")
-        return files
-    single = folder / repo.WEIGHTS
-    if not single.is_file():
-        raise FormatError(f"{folder}: neither {repo.WEIGHTS} nor {repo.INDEX} is present")
-    return {k: str(single) for k in read_header(single)[0]}
+    """tensor name -> safetensors file, from the shard index or the single file; index entries
+    must be plain file names present in the folder (the stand-alone loader's code)."""
+    return _reader.weight_files(os.fspath(folder))
 
 
-def read_header(path: os.PathLike) -> tuple[dict[str, tuple[torch.dtype, list[int], int, int]], int]:
-    """({key: (dtype, shape, begin, end)}, data start) of a safetensors file, offsets absolute,
-    every length checked against the file before it is trusted."""
-    path = str(path)
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size < 8:
-                raise FormatError(f"{path}: {size} bytes, too short for a safetensors header")
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > min(MAX_HEADER, size - 8):
-                raise FormatError(f"{path}: header length {n} exceeds the file ({size} bytes) or {MAX_HEADER}")
-            raw = f.read(n)
-    except OSError as e:
-        raise FormatError(f"{path}: unreadable ({e})") from e
-    try:
-        header = json.loads(raw)
-    except (ValueError, RecursionError) as e:
-        raise FormatError(f"{path}: the safetensors header is not JSON ({type(e).__name__}: {e})") from e
-    if not isinstance(header, dict):
-        raise FormatError(f"{path}: the safetensors header is not a JSON object")
-    start, data = 8 + n, size - 8 - n
-    out, spans = {}, []
-    for key, spec in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            dtype = ST_DTYPES[spec["dtype"]]
-            shape = [int(s) for s in spec["shape"]]
-            b, e = (int(v) for v in spec["data_offsets"])
-            if any(s < 0 for s in shape) or not all(isinstance(s, int) and not isinstance(s, bool)
-                                                    for s in spec["shape"] + spec["data_offsets"]):
-                raise ValueError("negative or non-integer shape or offset")
-        except (KeyError, TypeError, ValueError) as err:
-            raise FormatError(f"{path}: tensor {key!r} has a malformed header entry {spec!r} ({err})") from err
-        numel = 1
-        for s in shape:
-            numel *= s
-        if not 0 <= b <= e <= data or e - b != numel * dtype.itemsize:
-            raise FormatError(f"{path}: tensor {key!r} ({spec['dtype']} {shape}) claims bytes [{b}, {e}) of a "
-                              f"{data}-byte data section")
-        out[key] = (dtype, shape, start + b, start + e)
-        spans.append((b, e, key))
-    spans.sort()
-    for (b0, e0, k0), (b1, e1, k1) in zip(spans, spans[1:]):
-        if b1 < e0:
-            raise FormatError(f"{path}: tensors {k0!r} and {k1!r} overlap")
-    return out, start
+def read_header(path: os.PathLike) -> dict[str, tuple[torch.dtype, list[int], int, int]]:
+    """{key: (dtype, shape, begin, end)} of a safetensors file, offsets absolute, every length
+    checked against the file before it is trusted (the stand-alone loader's parser: the
+    safetensors package does not expose the offsets)."""
+    return {k: (repo.dtype_from_name(d, str(path)), shape, b, e)
+            for k, (d, shape, b, e) in _reader.read_header(os.fspath(path)).items()}
 
 
 class Folder:
@@ -125,7 +55,7 @@ class Folder:
         self.files = weight_files(self.path)
         self.headers: dict[str, tuple] = {}
         for file in sorted(set(self.files.values())):
-            header, _ = read_header(file)
+            header = read_header(file)
             for key, spec in header.items():
                 if self.files.get(key) != file:
                     raise FormatError(f"{file}: holds tensor {key!r}, which the shard index puts elsewhere or omits")

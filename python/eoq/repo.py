@@ -20,6 +20,7 @@ import torch
 from . import ops
 from .errors import CorruptStreamError, FormatError
 from .quantized import QuantizedTensor, code_entropy_bits
+from .standalone.load_quantized import check_side  # noqa: F401  (one implementation for both readers)
 
 FORMAT = "eoq"
 FORMAT_VERSION = 2
@@ -195,38 +196,6 @@ def stored_keys(name: str, entry: dict) -> dict[str, str]:
     if is_quantized(entry):
         return {p: f"{name}.{p}" for p in entry["parts"]}
     return {"tensor": name}
-
-
-def check_side(name: str, entry: dict, parts: dict[str, torch.Tensor]) -> None:
-    """Side tensors must be finite (and steps / AWQ scales positive): a NaN step would
-    otherwise turn every weight of a row into NaN without a word."""
-    for part, t in parts.items():
-        if part == "codes" or not t.is_floating_point():
-            continue
-        bad = ~torch.isfinite(t)
-        if part in ("steps", "awq_scales"):
-            bad |= t <= 0
-        if bool(bad.any()):
-            i = int(bad.reshape(-1).nonzero()[0])
-            raise FormatError(f"{name}.{part}: value {float(t.reshape(-1)[i])} at index {i} is not "
-                              f"{'finite and positive' if part in ('steps', 'awq_scales') else 'finite'}")
-    # Finite sides can still overflow: a step of 1e38 times a code of 100 is inf. Bound the
-    # largest weight they can give (an orthonormal inverse rotation grows a value by at most
-    # sqrt(block)) and refuse what float32 cannot hold; real weights are below 1e4.
-    meta = entry["meta"]
-    if entry["method"] == "absmax":
-        return
-    if entry["method"] == "ecsq":
-        code = max(abs(meta["offset"]), abs(meta["offset"] + 255))
-        scale = float(parts["steps"].abs().max())
-    else:
-        code = float(parts["codebook"].abs().max())
-        scale = float(parts["scales"].float().abs().max()) if parts["scales"].numel() else 0.0
-    bound = code * scale * math.sqrt(meta["rotation_block"])
-    if "awq_scales" in parts:
-        bound /= float(parts["awq_scales"].float().min())
-    if not bound < MAX_WEIGHT:
-        raise FormatError(f"{name}: its steps / scales give weights up to {bound:.3g}, beyond float32's range")
 
 
 def verify(name: str, entry: dict, parts: dict[str, torch.Tensor]) -> None:

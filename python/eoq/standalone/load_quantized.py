@@ -597,6 +597,8 @@ def validate_manifest(manifest, where: str = MANIFEST) -> dict:
                 _fail(f"{where}: tensor {name!r}", f"shape {entry['shape']} differs from the shape "
                       f"{target['shape']} of {entry['tied_to']!r} it is tied to")
     marker = manifest.get("marker")
+    if marker is None and any(_is_quantized(e) for e in tensors.values()):
+        _fail(where, "quantized entries but no marker (the marker keeps eoq-less loaders from loading garbage)")
     if marker is not None and (not isinstance(marker, str) or not _is_quantized(tensors.get(marker))):
         _fail(where, f"marker {marker!r} is not a quantized tensor of the manifest")
     # Two entries must not claim the same stored tensor (an entry "x.codes" beside the parts of "x").
