@@ -5,6 +5,7 @@
         [--parts whole,down] [--eoq-methods ecsq,absmax,polar,turbo] [--eoq-bits 2,3,4,5,6]
         [--llama-types Q8_0,Q6_K,...] [--no-eoq] [--no-llamacpp] [--n-ctx 512] [--max-windows 16]
         [--eoq-allocation sensitivity,proxy,uniform] [--eoq-calibration calib,self,none]
+        [--eoq-variants awq,plain,gptq,awq+gptq]
         [--eoq-keep-embeddings] [--llama-calibration none,imatrix] [--threads N]
         [--workdir DIR] [--json PATH] [--plot DIR]
     python bench/compare.py --from-json RUN1.json,RUN2.json [--json MERGED.json] [--plot DIR]
@@ -59,6 +60,9 @@ DEFAULT_LLAMA_TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_K_S", "IQ4_XS", "
 # For part (b), one tensor type each: the type a K-quant mix gives ffn_down at that level.
 DOWN_TYPE = {"Q5_K_M": "Q5_K", "Q4_K_M": "Q4_K", "Q4_K_S": "Q4_K", "Q3_K_M": "Q3_K"}
 DOWN_REGEX = r"^(?!.*down_proj).*$"  # eoq part (b): every tensor but the down projections kept as is
+# eoq's variants with calibration: (awq, feedback) and the suffix of the setting's name
+VARIANTS = {"awq": (True, None, ""), "plain": (False, None, " noawq"), "gptq": (False, "gptq", " gptq"),
+            "awq+gptq": (True, "gptq", " awq+gptq")}
 
 
 def base_folder(model: str, work: pathlib.Path) -> pathlib.Path:
@@ -159,10 +163,12 @@ class Runner:
         measured once and shared by every eoq run."""
         import eoq
 
-        folder = self.work / f"eoq-calibration-{source}"
+        feedback = "gptq" if any(VARIANTS[v][1] for v in self.a.eoq_variants) else None
+        folder = self.work / (f"eoq-calibration-{source}" + ("-cov" if feedback else ""))
         if not (folder / "sensitivity.safetensors").is_file():
             cfg = eoq.QuantConfig(calibration=self.a.calib if source == "calib" else "self",
-                                  calib_sequences=self.a.calib_sequences, calib_seq_len=self.a.n_ctx)
+                                  calib_sequences=self.a.calib_sequences, calib_seq_len=self.a.n_ctx,
+                                  feedback=feedback)  # with the inputs' covariance when a variant needs it
             eoq.calibrate_model(self.folder, folder, cfg, progress=False)
         return folder / "calib_stats.safetensors", folder / "sensitivity.safetensors"
 
@@ -174,19 +180,22 @@ class Runner:
                 for bits, alloc in ((b, al) for b in self.a.eoq_bits for al in self.a.eoq_allocation):
                     if method != "ecsq" and (bits != int(bits) or alloc != "uniform"):
                         continue
-                    for cal in self.a.eoq_calibration:
+                    for cal, variant in ((c, v) for c in self.a.eoq_calibration for v in self.a.eoq_variants):
                         if alloc == "sensitivity" and cal == "none":
                             continue  # nothing to measure sensitivity on
+                        if cal == "none" and variant != self.a.eoq_variants[0]:
+                            continue  # data-free: no variants
                         protect = [eoq.ProtectRule(DOWN_REGEX, regex=True)] if part == "down" else []
                         calibration = {"calib": self.a.calib, "self": "self", "none": None}[cal]
+                        awq, feedback, suffix = VARIANTS[variant] if calibration else (False, None, "")
                         cfg = eoq.QuantConfig(method=method, bits=bits, calibration=calibration,
-                                              awq=calibration is not None, protect=protect, allocation=alloc,
+                                              awq=awq, feedback=feedback, protect=protect, allocation=alloc,
                                               calib_sequences=self.a.calib_sequences, calib_seq_len=self.a.n_ctx,
                                               dtype="bfloat16")  # 16-bit passthrough, as the F16 GGUF base
                         if part == "whole" and self.a.eoq_keep_embeddings:
                             cfg.quantize_embeddings = cfg.quantize_lm_head = False
                         stats, sens = self.eoq_calibration(cal) if calibration else (None, None)
-                        setting = f"{method} {bits} {alloc}" + ("" if cal == "calib" else f" {cal}") \
+                        setting = f"{method} {bits} {alloc}" + suffix + ("" if cal == "calib" else f" {cal}") \
                             + (" -emb" if part == "whole" and self.a.eoq_keep_embeddings else "")
                         out = self.work / ("eoq-" + part + "-" + setting.replace(" ", "-"))
                         t0 = time.perf_counter()
@@ -203,7 +212,7 @@ class Runner:
                         model, _ = eoq.load_quantized(out, dtype=torch.float32)
                         alloc_rec = m.get("allocation") or {}
                         self.record("eoq", setting, part, cal == "calib", bpw, model,
-                                    {"convert_s": conv, "allocation": alloc, "calibration": cal,
+                                    {"convert_s": conv, "allocation": alloc, "calibration": cal, "variant": variant,
                                      "folder_bpw": 8 * folder_bytes(out) / self.n_params,
                                      "predicted_kl": alloc_rec.get("predicted_kl")})
                         shutil.rmtree(out)  # re-made in seconds; a full grid would fill the disk
@@ -390,6 +399,9 @@ def main(argv=None) -> int:
                     help="sensitivity, proxy and/or uniform (the last for every method; the others ecsq only)")
     ap.add_argument("--eoq-calibration", default="calib,self,none",
                     help="eoq's calibration: calib (the --calib text), self (text the model samples), none")
+    ap.add_argument("--eoq-variants", default="awq",
+                    help="with calibration: awq (AWQ scales, the default), plain (importance weighting only), "
+                         "gptq (error feedback), awq+gptq (both); comma-separated")
     ap.add_argument("--llama-types", default=",".join(DEFAULT_LLAMA_TYPES))
     ap.add_argument("--llama-calibration", default="none,imatrix",
                     help="llama.cpp rows without (none) and/or with an imatrix (imatrix)")
@@ -418,6 +430,9 @@ def main(argv=None) -> int:
     a.eoq_methods = a.eoq_methods.split(",")
     a.eoq_allocation = a.eoq_allocation.split(",")
     a.eoq_calibration = a.eoq_calibration.split(",")
+    a.eoq_variants = a.eoq_variants.split(",")
+    if set(a.eoq_variants) - set(VARIANTS):
+        ap.error(f"--eoq-variants: choose from {', '.join(VARIANTS)}")
     a.eoq_bits = [float(b) if "." in b else int(b) for b in a.eoq_bits.split(",")]
     a.llama_types = [t for t in a.llama_types.split(",") if t]
     a.llama_calibration = [{"none": False, "imatrix": True}[c] for c in a.llama_calibration.split(",")]

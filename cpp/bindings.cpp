@@ -12,6 +12,7 @@
 #include "crc32c.h"
 #include "dequant.h"
 #include "errors.h"
+#include "gptq.h"
 #include "hadamard.h"
 #include "lloyd_max.h"
 #include "rans.h"
@@ -240,7 +241,8 @@ void advise_huge_pages(const Tensor& t) {
 // rows x padded uint8 codes. Writes into `out` when given (contiguous [rows, cols] of dtype).
 Tensor ecsq_dequantize(const Tensor& codes, bool rans, int64_t rows, int64_t cols, int64_t padded, int64_t block,
                        uint64_t seed, int64_t offset, const Tensor& steps, int64_t group_rows,
-                       const c10::optional<Tensor>& awq, at::ScalarType dtype, const c10::optional<Tensor>& out_opt) {
+                       const c10::optional<Tensor>& awq, at::ScalarType dtype, const c10::optional<Tensor>& out_opt,
+                       const c10::optional<Tensor>& low, int64_t low_bits, const c10::optional<Tensor>& recon) {
   require_u8_1d(codes, "codes");
   require_f32(steps, 1, "steps");
   eoq::EcsqParams p;
@@ -266,7 +268,24 @@ Tensor ecsq_dequantize(const Tensor& codes, bool rans, int64_t rows, int64_t col
     require(awq->numel() == cols, "awq_scales must have one value per column");
     p.awq = awq->data_ptr<float>();
   }
+  require(low_bits >= 0 && low_bits <= 8, "low_bits must be in [0, 8]");
+  p.low_bits = static_cast<int>(low_bits);
+  if (low) {
+    require_u8_1d(*low, "low");
+    p.low = low->data_ptr<uint8_t>();
+  }
+  if (recon) {
+    require_f32(*recon, 1, "recon");
+    require(recon->numel() >= 1 && recon->numel() <= 8, "recon must hold 1..8 values");
+    p.recon = recon->data_ptr<float>();
+    p.n_recon = static_cast<int>(recon->numel());
+  }
   eoq::ecsq_check(p);  // before anything is sized from the arguments
+  if (low) {
+    const uint64_t n = static_cast<uint64_t>(rows) * static_cast<uint64_t>(padded);
+    require(static_cast<uint64_t>(low->numel()) == eoq::packed_size(n, static_cast<int>(low_bits)),
+            "low must hold rows * padded_cols values of low_bits bits, packed");
+  }
   const uint8_t* src = codes.data_ptr<uint8_t>();
   const size_t len = codes.numel();
   eoq::rans::Header h;
@@ -299,6 +318,38 @@ Tensor ecsq_dequantize(const Tensor& codes, bool rans, int64_t rows, int64_t col
   return out;
 }
 
+// GPTQ error feedback (gptq.h): int32 codes and the float32 reconstruction, both [rows, n].
+// levels: None for the uniform grid [qmin, qmax], else the sorted codebook (codes = indices).
+std::tuple<Tensor, Tensor> gptq_quantize(const Tensor& w, const Tensor& u, const Tensor& scale, int64_t group,
+                                         const c10::optional<Tensor>& levels, int64_t qmin, int64_t qmax,
+                                         int64_t block) {
+  require_f32(w, 2, "w");
+  require_f32(u, 2, "u");
+  require_f32(scale, 2, "scale");
+  const int64_t rows = w.size(0), n = w.size(1);
+  require(u.size(0) == n && u.size(1) == n, "gptq: u must be [n, n] with n = " + std::to_string(n) +
+                                                " (w's columns), got [" + std::to_string(u.size(0)) + ", " +
+                                                std::to_string(u.size(1)) + "]");
+  require(group >= 1, "gptq: group must be >= 1, got " + std::to_string(group));
+  const int64_t groups = n / group + (n % group != 0);
+  require(scale.size(0) == rows && scale.size(1) == groups,
+          "gptq: scale must be [rows, ceil(n / group)] = [" + std::to_string(rows) + ", " + std::to_string(groups) +
+              "], got [" + std::to_string(scale.size(0)) + ", " + std::to_string(scale.size(1)) + "]");
+  const float* lv = nullptr;
+  int64_t n_levels = 0;
+  if (levels) {
+    require_f32(*levels, 1, "levels");
+    lv = levels->data_ptr<float>();
+    n_levels = levels->numel();
+  }
+  Tensor codes = torch::empty({rows, n}, torch::kInt32);
+  Tensor xhat = torch::empty({rows, n}, torch::kFloat32);
+  py::gil_scoped_release nogil;
+  eoq::gptq_quantize(w.data_ptr<float>(), rows, n, u.data_ptr<float>(), scale.data_ptr<float>(), group, lv, n_levels,
+                     qmin, qmax, block, codes.data_ptr<int32_t>(), xhat.data_ptr<float>());
+  return {codes, xhat};
+}
+
 // The kernel's roundings on a float32 tensor, for tests: bf16 / fp16 bits as int32.
 Tensor round_bits(const Tensor& x, bool bf16) {
   require_f32(x, 1, "x");
@@ -326,10 +377,14 @@ PYBIND11_MODULE(_C, m) {
   m.def("hadamard_", &hadamard_);
   m.def("lloyd_max", &lloyd_max);
   m.def("codebook_quantize", &codebook_quantize);
-  m.def("ecsq_dequantize", &ecsq_dequantize);
+  m.def("ecsq_dequantize", &ecsq_dequantize, py::arg("codes"), py::arg("rans"), py::arg("rows"), py::arg("cols"),
+        py::arg("padded"), py::arg("block"), py::arg("seed"), py::arg("offset"), py::arg("steps"),
+        py::arg("group_rows"), py::arg("awq"), py::arg("dtype"), py::arg("out"), py::arg("low") = py::none(),
+        py::arg("low_bits") = 0, py::arg("recon") = py::none());
   m.def("dequant_kernel_name", &eoq::dequant_kernel_name);
   m.def("round_bits", &round_bits);
   m.def("crc32c", &crc32c, py::arg("data"), py::arg("portable") = false, py::arg("value") = 0u);
+  m.def("gptq_quantize", &gptq_quantize);
   m.attr("RANS_DEFAULT_SCALE_BITS") = eoq::rans::kDefaultScaleBits;
   m.attr("RANS_DEFAULT_CHUNK") = eoq::rans::kDefaultChunk;
 }

@@ -61,7 +61,11 @@ struct Ctx {
   const EcsqParams* p;
   float off;                 // float(offset): torch adds the int offset to float codes this way
   std::vector<float> mult;   // hadamard_scale(block) * sign[j], as hadamard_inplace forms it
+  std::vector<float> lut;    // with fitted reconstruction: the value of each of the 256 codes
 };
+
+// How a row's codes become values: code + offset; (code << low_bits | low) + offset; lut[code].
+enum Mode { kPlain = 0, kWide = 1, kLut = 2 };
 
 using RowFn = void (*)(const Ctx& k, int64_t r, const uint8_t* q, float* buf);
 
@@ -77,16 +81,43 @@ inline void store1(void* out, int64_t i, float y) {
 
 inline float step_of(const EcsqParams& p, int64_t r) { return p.steps[r / p.group_rows]; }
 
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the low-bit reader assumes a little-endian CPU");
+
+// The packed low bits of row r: padded % 16 == 0, so every row (and every group of 8 values
+// in it) starts on a whole byte.
+inline const uint8_t* low_row(const EcsqParams& p, int64_t r) { return p.low + r * p.padded / 8 * p.low_bits; }
+
+// The levels of the 8 values starting at j (j % 8 == 0) of a row: (code << k) | low. Their
+// low bits fill exactly k bytes (LSB-first), read as one little-endian word.
+inline void levels8(const uint8_t* q, const uint8_t* low, int k, int64_t j, int32_t* out) {
+  uint64_t u = 0;
+  std::memcpy(&u, low + j / 8 * k, static_cast<size_t>(k));
+  const uint32_t mask = (1u << k) - 1;
+  for (int i = 0; i < 8; ++i)
+    out[i] = static_cast<int32_t>((static_cast<uint32_t>(q[j + i]) << k) | (static_cast<uint32_t>(u >> (i * k)) & mask));
+}
+
 // The obvious row: the reference's operations one value at a time (fwht is hadamard.cpp's).
-template <OutType T, bool kAwq>
+template <OutType T, bool kAwq, int kMode>
 void row_scalar(const Ctx& k, int64_t r, const uint8_t* q, float* buf) {
   const EcsqParams& p = *k.p;
   const int64_t B = p.block;
   const float step = step_of(p, r);
+  const uint8_t* low = kMode == kWide ? low_row(p, r) : nullptr;
   // Blocks that lie wholly in the padding are cropped by the reference: skip them. Blocks
   // are transformed independently, so the kept columns do not depend on them.
   for (int64_t b0 = 0; b0 < p.cols; b0 += B) {
-    for (int64_t j = 0; j < B; ++j) buf[j] = (static_cast<float>(q[b0 + j]) + k.off) * step;
+    if (kMode == kLut) {
+      for (int64_t j = 0; j < B; ++j) buf[j] = k.lut[q[b0 + j]] * step;
+    } else if (kMode == kWide) {
+      int32_t lv[8];
+      for (int64_t j = 0; j < B; j += 8) {
+        levels8(q, low, p.low_bits, b0 + j, lv);
+        for (int i = 0; i < 8; ++i) buf[j + i] = (static_cast<float>(lv[i]) + k.off) * step;
+      }
+    } else {
+      for (int64_t j = 0; j < B; ++j) buf[j] = (static_cast<float>(q[b0 + j]) + k.off) * step;
+    }
     fwht(buf, B);
     const int64_t n = std::min(B, p.cols - b0);
     for (int64_t j = 0; j < n; ++j) {
@@ -165,6 +196,21 @@ EOQ_DQ_AVX2 inline __m256 dq8(__m256 off, __m256 step, const uint8_t* c) {
   return fwht8(_mm256_mul_ps(_mm256_add_ps(_mm256_cvtepi32_ps(v), off), step));
 }
 
+// The same for the 8 values of row q at j, in any Mode (wide: levels (code << k) | low).
+template <int kMode>
+EOQ_DQ_AVX2 inline __m256 dq8_at(__m256 off, __m256 step, const uint8_t* q, const uint8_t* low, int k, int64_t j,
+                                 const float* lut) {
+  if (kMode == kPlain) return dq8(off, step, q + j);
+  if (kMode == kLut) {
+    const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + j)));
+    return fwht8(_mm256_mul_ps(_mm256_i32gather_ps(lut, c, 4), step));
+  }
+  alignas(32) int32_t lv[8];
+  levels8(q, low, k, j, lv);
+  const __m256i v = _mm256_load_si256(reinterpret_cast<const __m256i*>(lv));
+  return fwht8(_mm256_mul_ps(_mm256_add_ps(_mm256_cvtepi32_ps(v), off), step));
+}
+
 // One butterfly stage h over whole vectors of a block of n values in x.
 EOQ_DQ_AVX2 inline void stage2(float* x, int64_t n, int64_t h) {
   for (int64_t i = 0; i < n; i += 2 * h)
@@ -195,9 +241,12 @@ EOQ_DQ_AVX2 inline void stage4(float* x, int64_t n, int64_t h) {
 // and stages 1..16 in registers, 32 values at a time; (2) the middle stages two at a time;
 // (3) the last one or two stages straight into the output. Stage order and every operation
 // are the reference's.
-template <OutType T, bool kAwq>
+template <OutType T, bool kAwq, int kMode>
 EOQ_DQ_AVX2 void row_avx2(const Ctx& k, int64_t r, const uint8_t* q, float* buf) {
   const EcsqParams& p = *k.p;
+  const uint8_t* low = kMode == kWide ? low_row(p, r) : nullptr;
+  const float* lut = kMode == kLut ? k.lut.data() : nullptr;
+  const int lb = p.low_bits;
   const int64_t B = p.block, cols = p.cols;
   const __m256 off = _mm256_set1_ps(k.off), step = _mm256_set1_ps(step_of(p, r));
   int log2b = 0;
@@ -206,15 +255,18 @@ EOQ_DQ_AVX2 void row_avx2(const Ctx& k, int64_t r, const uint8_t* q, float* buf)
   const int last = rest >= 2 ? 2 : rest;      // fused with the output
   for (int64_t b0 = 0; b0 < cols; b0 += B) {  // blocks wholly in the padding: cropped
     const Sink s{k.mult.data(), p.awq ? p.awq + b0 : nullptr, p.out, r * cols + b0, std::min(B, cols - b0)};
-    const uint8_t* c = q + b0;
     if (B == 16) {
-      const __m256 v0 = dq8(off, step, c), v1 = dq8(off, step, c + 8);
+      const __m256 v0 = dq8_at<kMode>(off, step, q, low, lb, b0, lut);
+      const __m256 v1 = dq8_at<kMode>(off, step, q, low, lb, b0 + 8, lut);
       emit<T, kAwq>(s, _mm256_add_ps(v0, v1), 0);
       emit<T, kAwq>(s, _mm256_sub_ps(v0, v1), 8);
       continue;
     }
     for (int64_t j = 0; j < B; j += 32) {
-      const __m256 v0 = dq8(off, step, c + j), v1 = dq8(off, step, c + j + 8), v2 = dq8(off, step, c + j + 16), v3 = dq8(off, step, c + j + 24);
+      const int64_t i = b0 + j;
+      const __m256 v0 = dq8_at<kMode>(off, step, q, low, lb, i, lut), v1 = dq8_at<kMode>(off, step, q, low, lb, i + 8, lut);
+      const __m256 v2 = dq8_at<kMode>(off, step, q, low, lb, i + 16, lut);
+      const __m256 v3 = dq8_at<kMode>(off, step, q, low, lb, i + 24, lut);
       const __m256 a0 = _mm256_add_ps(v0, v1), a1 = _mm256_sub_ps(v0, v1);  // stage 8
       const __m256 a2 = _mm256_add_ps(v2, v3), a3 = _mm256_sub_ps(v2, v3);
       const __m256 y0 = _mm256_add_ps(a0, a2), y2 = _mm256_sub_ps(a0, a2);  // stage 16
@@ -294,24 +346,32 @@ const Kernel& kernel() {
   return k;
 }
 
-template <OutType T>
-RowFn pick_row_t(bool awq, bool avx2) {
+template <OutType T, int kMode>
+RowFn pick_row_w(bool awq, bool avx2) {
 #ifdef EOQ_DQ_X86
-  if (avx2) return awq ? row_avx2<T, true> : row_avx2<T, false>;
+  if (avx2) return awq ? row_avx2<T, true, kMode> : row_avx2<T, false, kMode>;
 #endif
   (void)avx2;
-  return awq ? row_scalar<T, true> : row_scalar<T, false>;
+  return awq ? row_scalar<T, true, kMode> : row_scalar<T, false, kMode>;
+}
+
+template <OutType T>
+RowFn pick_row_t(bool awq, bool avx2, int mode) {
+  if (mode == kWide) return pick_row_w<T, kWide>(awq, avx2);
+  if (mode == kLut) return pick_row_w<T, kLut>(awq, avx2);
+  return pick_row_w<T, kPlain>(awq, avx2);
 }
 
 RowFn pick_row(const EcsqParams& p) {
   const bool avx2 = kernel().avx2, awq = p.awq != nullptr;
+  const int mode = p.low_bits > 0 ? kWide : p.n_recon > 0 ? kLut : kPlain;
   switch (p.out_type) {
     case OutType::kFloat32:
-      return pick_row_t<OutType::kFloat32>(awq, avx2);
+      return pick_row_t<OutType::kFloat32>(awq, avx2, mode);
     case OutType::kFloat16:
-      return pick_row_t<OutType::kFloat16>(awq, avx2);
+      return pick_row_t<OutType::kFloat16>(awq, avx2, mode);
     case OutType::kBFloat16:
-      return pick_row_t<OutType::kBFloat16>(awq, avx2);
+      return pick_row_t<OutType::kBFloat16>(awq, avx2, mode);
   }
   throw InvalidInput("ecsq_dequantize: unknown output type");
 }
@@ -324,6 +384,15 @@ Ctx make_ctx(const EcsqParams& p) {
   const float scale = hadamard_scale(p.block);
   k.mult.resize(p.block);
   for (int64_t j = 0; j < p.block; ++j) k.mult[j] = scale * signs[j];
+  if (p.n_recon > 0) {  // the value of code c: float(c) + float(offset), or the fitted one
+    k.lut.resize(256);
+    for (int c = 0; c < 256; ++c) {
+      const int64_t v = c + p.offset;
+      const int64_t m = v < 0 ? -v : v;
+      k.lut[c] = (m >= 1 && m <= p.n_recon) ? (v < 0 ? -p.recon[m - 1] : p.recon[m - 1])
+                                            : static_cast<float>(c) + k.off;
+    }
+  }
   return k;
 }
 
@@ -354,7 +423,11 @@ void ecsq_check(const EcsqParams& p) {
   need(p.n_steps == std::max<int64_t>(n_steps, 1) && p.steps != nullptr,
        std::to_string(p.n_steps) + " steps given, " + std::to_string(p.rows) + " rows in groups of " +
            std::to_string(p.group_rows) + " need " + std::to_string(std::max<int64_t>(n_steps, 1)));
-  need(p.offset >= INT32_MIN && p.offset <= int64_t(INT32_MAX) - 255,
+  need(p.low_bits >= 0 && p.low_bits <= 8, "low_bits must be in [0, 8], got " + std::to_string(p.low_bits));
+  need((p.low_bits > 0) == (p.low != nullptr), "the low bits must be given exactly when low_bits > 0");
+  need(p.n_recon >= 0 && p.n_recon <= 8 && (p.n_recon > 0) == (p.recon != nullptr) && !(p.n_recon && p.low_bits),
+       "reconstruction points: 0..8 of them, given exactly when n_recon > 0, and never with low bits");
+  need(p.offset >= INT32_MIN && p.offset <= int64_t(INT32_MAX) - ((int64_t(256) << p.low_bits) - 1),
        "offset " + std::to_string(p.offset) + " out of range");
 }
 

@@ -3,7 +3,10 @@
 //
 // What it computes is the reference path of eoq (python/eoq/methods/ecsq.py `dequantize`,
 // quantized.py `QuantizedTensor.dequantize`; docs/FORMAT.md "Dequantization"), bit for bit:
-//     x[r, j] = (float(code[r, j]) + float(offset)) * step[r / group_rows]      (float32)
+//     x[r, j] = (float(level[r, j]) + float(offset)) * step[r / group_rows]     (float32)
+//               level = code, or (code << low_bits) | low when low bits are stored; with
+//               fitted reconstruction points the value float(level) + float(offset) is
+//               replaced by sign(v) * recon[|v| - 1] for the levels v with 1 <= |v| <= n_recon
 //     y[r]    = inverse seeded Hadamard of x[r] in blocks of `block`: fwht (hadamard.cpp's
 //               butterflies, same stage order), then * (hadamard_scale(block) * sign[j])
 //     w[r, c] = y[r, c] / awq[c]  (c < cols: padded columns are cropped; no awq: w = y)
@@ -49,12 +52,18 @@ struct EcsqParams {
   int64_t n_steps = 0;
   int64_t group_rows = 1;
   const float* awq = nullptr;   // cols divisors, or nullptr
+  int low_bits = 0;             // 0..8: the raw low bits of each level (ecsq.py "Codes past 8 bits")
+  const uint8_t* low = nullptr; // rows * padded values of low_bits bits, packed LSB-first
+                                // (bitpack.h); a row starts on a byte (padded % 16 == 0)
+  int n_recon = 0;              // 0..8 fitted reconstruction points (never with low bits):
+  const float* recon = nullptr; // level v with 1 <= |v| <= n_recon is sign(v) * recon[|v| - 1]
   OutType out_type = OutType::kFloat32;
   void* out = nullptr;          // rows * cols values of out_type, row-major
 };
 
 // Throws InvalidInput unless the parameters are consistent (the limits above, n_steps ==
-// ceil(rows / group_rows), offset + 255 within int32, steps present); `out` is not looked
+// ceil(rows / group_rows), offset + (256 << low_bits) - 1 within int32, steps present, low
+// present exactly when low_bits > 0); `out` is not looked
 // at, so callers can check the parameters before allocating the output.
 void ecsq_check(const EcsqParams& p);
 

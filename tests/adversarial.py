@@ -116,6 +116,7 @@ def make_cases(base: pathlib.Path, root: pathlib.Path) -> list[str]:
     t0 = m0["tensors"]
     ecsq = next(n for n, e in t0.items() if e.get("method") == "ecsq" and "awq_scales" in e["parts"] and "layers" in n)
     plain_ecsq = next(n for n, e in t0.items() if e.get("method") == "ecsq")
+    wide = next(n for n, e in t0.items() if e.get("meta", {}).get("low_bits", 0) > 0)  # ecsq codes past 8 bits
     absmax = next(n for n, e in t0.items() if e.get("method") == "absmax")
     polar = next(n for n, e in t0.items() if e.get("method") == "polar")
     passthrough = next(n for n, e in t0.items() if e["kind"] == "passthrough")
@@ -131,7 +132,8 @@ def make_cases(base: pathlib.Path, root: pathlib.Path) -> list[str]:
 
     # bytes flipped in every kind of stored tensor (first, middle and last byte)
     for label, key in [("ecsq_codes", f"{ecsq}.codes"), ("ecsq_steps", f"{ecsq}.steps"),
-                       ("awq_scales", f"{ecsq}.awq_scales"), ("absmax_codes", f"{absmax}.codes"),
+                       ("awq_scales", f"{ecsq}.awq_scales"), ("ecsq_low", f"{wide}.low"),
+                       ("absmax_codes", f"{absmax}.codes"),
                        ("absmax_scales", f"{absmax}.scales"), ("polar_codes", f"{polar}.codes"),
                        ("polar_codebook", f"{polar}.codebook"), ("passthrough", passthrough),
                        ("marker", marker)]:
@@ -197,6 +199,7 @@ def make_cases(base: pathlib.Path, root: pathlib.Path) -> list[str]:
 
     field("offset", ("meta", "offset"), lambda v: v + 1, plain_ecsq)
     field("seed", ("seed",), lambda v: v + 1, plain_ecsq)
+    field("low_bits", ("meta", "low_bits"), lambda v: v + 1, wide)
     field("rotation_block", ("meta", "rotation_block"), lambda v: v // 2, plain_ecsq)
     field("transposed", ("transposed",), True, plain_ecsq)
     field("steps_shape", ("parts", "steps", "shape"), [2], plain_ecsq)
@@ -281,6 +284,17 @@ def make_cases(base: pathlib.Path, root: pathlib.Path) -> list[str]:
     forged("padded_cols_huge", lambda t: t[plain_ecsq]["meta"].update(padded_cols=1 << 30))
     forged("code_shape_huge", lambda t: t[plain_ecsq].update(code_shape=[1 << 20, 1 << 16]))
     forged("offset_huge", lambda t: t[plain_ecsq]["meta"].update(offset=1 << 40))
+    forged("low_bits_9", lambda t: t[wide]["meta"].update(low_bits=9))
+    forged("low_bits_0_with_low_part", lambda t: t[wide]["meta"].update(low_bits=0))
+    forged("low_bits_without_low_part", lambda t: t[plain_ecsq]["meta"].update(low_bits=2))
+    forged("offset_top_with_low_bits", lambda t: t[wide]["meta"].update(offset=(1 << 31) - 256))
+
+    @case("forged_low_part_truncated")
+    def _(f):
+        def edit(tensors, m):
+            tensors[f"{wide}.low"] = tensors[f"{wide}.low"][:-1].clone()
+            m["tensors"][wide]["parts"]["low"]["shape"] = [tensors[f"{wide}.low"].numel()]
+        rewrite_tensors(f, edit)
 
     def side(name, key, value):
         @case(f"forged_{name}")

@@ -15,7 +15,7 @@ import torch
 
 import eoq
 from eoq.calibration import collect_stats
-from tinymodels import build, save
+from tinymodels import build, save, with_outliers
 
 import adversarial
 
@@ -26,9 +26,11 @@ LOADERS = ("read_state_dict", "load_quantized", "from_pretrained", "standalone")
 def cases(tmp_path_factory):
     root = tmp_path_factory.mktemp("adversarial")
     src = save("llama", root / "src")
-    stats = collect_stats(build("llama"), [torch.randint(3, 320, (64,)) for _ in range(4)], progress=False)
+    stats = with_outliers(collect_stats(build("llama"), [torch.randint(3, 320, (64,)) for _ in range(4)],
+                                        progress=False))
     rules = [eoq.ProtectRule("down_proj", regex=True, action="quantize", method="absmax", bits=4),
-             eoq.ProtectRule(r"layers\.1\.mlp\.up_proj", regex=True, action="quantize", method="polar", bits=3)]
+             eoq.ProtectRule(r"layers\.1\.mlp\.up_proj", regex=True, action="quantize", method="polar", bits=3),
+             eoq.ProtectRule(r"layers\.0\.self_attn\.o_proj", regex=True, action="quantize", method="ecsq", bits=10)]
     cfg = eoq.QuantConfig(bits=4, allocation="proxy", protect=rules)
     base = root / "base"
     eoq.quantize_model(src, base, cfg, stats=stats, progress=False, verbose=False)
@@ -42,6 +44,7 @@ def test_the_base_folder_loads_everywhere(cases):
     m = eoq.repo.read_manifest(base)
     methods = {e.get("method") for e in m["tensors"].values()}
     assert {"ecsq", "absmax", "polar"} <= methods
+    assert any(e.get("meta", {}).get("low_bits", 0) > 0 for e in m["tensors"].values())  # codes past 8 bits
     assert any("awq_scales" in e.get("parts", {}) for e in m["tensors"].values())
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)

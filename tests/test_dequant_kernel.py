@@ -32,6 +32,8 @@ def make(rows, cols, seed=0, transposed=False, codec="rans", dtype=torch.bfloat1
     w = (torch.randn(rows, cols, generator=g) * scale).to(dtype)
     if rows * cols < 8192 and "bits" not in kw:  # the rate search cannot pay a tiny tensor's side data
         kw.setdefault("step", 0.01)
+    if kw.get("awq"):
+        kw.setdefault("awq_none", False)  # the AWQ path is what is tested, even where no scales would win
     qt = eoq.quantize_tensor(w, "ecsq", seed=seed + 11, **kw)
     shape = [cols, rows] if transposed else [rows, cols]
     entry, parts = repo.quantized_entry(qt, codec, "quantized", transposed, shape, None)
@@ -96,6 +98,62 @@ def test_matches_reference_across_chunks():
     check(qt, entry, parts, dtypes=(torch.bfloat16,))
 
 
+@pytest.mark.parametrize("bits", [8, 9, 11])
+def test_matches_reference_wide_codes(bits):
+    # codes past 8 bits: the levels are hi << low_bits | low, the low bits stored packed
+    qt, entry, parts = make(70, 1000, bits=bits, block_size=128)
+    assert entry["meta"]["low_bits"] >= 1 and "low" in parts
+    check(qt, entry, parts)
+    qt, entry, parts = make(40, 200, bits=bits, transposed=True, block_size=16, group_rows=3)
+    check(qt, entry, parts)
+    chan = torch.rand(136, generator=torch.Generator().manual_seed(4)) + 0.1
+    qt, entry, parts = make(300, 136, bits=bits, importance=chan, awq=True)
+    assert entry["meta"].get("low_bits", 0) >= 1
+    check(qt, entry, parts)
+
+
+def test_wide_codes_across_chunks_and_threads():
+    qt, entry, parts = make(700, 1000, bits=9)
+    assert ops.rans_info(parts["codes"])["n_chunks"] == 3 and entry["meta"]["low_bits"] >= 1
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(fused.dequantize_fused("w", entry, parts, torch.bfloat16))
+    finally:
+        torch.set_num_threads(before)
+    assert all(same_bits(o, outs[0]) for o in outs)
+    assert same_bits(outs[0], reference(qt, entry, torch.bfloat16))
+    qt, entry, parts = make(45, 100, codec="packed", step=1e-4)
+    assert entry["codec"] == "packed" and entry["meta"].get("low_bits", 0) >= 1
+    check(qt, entry, parts)
+
+
+@pytest.mark.parametrize("bits", [1.5, 2, 3])
+def test_matches_reference_fitted_reconstruction(bits):
+    qt, entry, parts = make(300, 1000, bits=bits, block_size=128)
+    assert entry["meta"].get("recon") and "recon" in parts
+    check(qt, entry, parts)
+    qt, entry, parts = make(40, 200, bits=bits, transposed=True, block_size=16, group_rows=3)
+    check(qt, entry, parts)
+    chan = torch.rand(136, generator=torch.Generator().manual_seed(4)) + 0.1
+    qt, entry, parts = make(300, 136, bits=bits, importance=chan, awq=True)
+    check(qt, entry, parts)
+    with pytest.raises(ValueError, match="recon"):
+        fused.dequantize_fused("w", entry, {k: v for k, v in parts.items() if k != "recon"}, torch.bfloat16)
+
+
+def test_wide_codes_bad_low_part_raises():
+    qt, entry, parts = make(40, 256, bits=8, block_size=64)
+    with pytest.raises(ValueError, match="low"):
+        fused.dequantize_fused("w", entry, dict(parts, low=parts["low"][:-1]), torch.bfloat16)
+    with pytest.raises(ValueError, match="low"):
+        fused.dequantize_fused("w", entry, {k: v for k, v in parts.items() if k != "low"}, torch.bfloat16)
+    with pytest.raises(ValueError, match="low_bits"):
+        fused.dequantize_fused("w", dict(entry, meta=dict(entry["meta"], low_bits=9)), parts, torch.bfloat16)
+
+
 def test_packed_codec():
     qt, entry, parts = make(45, 100, codec="packed")
     assert entry["codec"] == "packed"
@@ -153,6 +211,9 @@ def test_scalar_kernel_matches_too():
         t.check(*t.make(17, 256, block_size=16, step=0.01))
         chan = torch.rand(80) + 0.1
         t.check(*t.make(30, 80, transposed=True, importance=chan, awq=True))
+        t.check(*t.make(70, 1000, bits=9, block_size=128))
+        t.check(*t.make(40, 200, bits=8, block_size=16, transposed=True))
+        t.check(*t.make(300, 1000, bits=2, block_size=64))
         print("ok")
     """)
     env = dict(os.environ, EOQ_DEQUANT_KERNEL="scalar")
@@ -281,7 +342,7 @@ def test_ops_ecsq_dequantize_checks_arguments():
     qt, entry, parts = make(10, 64)
     m = entry["meta"]
     args = dict(rows=10, cols=64, padded_cols=64, block=m["rotation_block"], seed=entry["seed"], offset=m["offset"],
-                steps=parts["steps"])
+                steps=parts["steps"], recon=parts.get("recon"))
     w = ops.ecsq_dequantize(parts["codes"], **args)
     assert same_bits(w, qt.dequantize(torch.bfloat16))
     codes = ops.rans_decode(parts["codes"])

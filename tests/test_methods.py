@@ -1,5 +1,6 @@
 """The quantization methods through the one interface, eoq.quantize_tensor."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -194,18 +195,81 @@ def test_dtype_is_kept(dtype):
         assert qt.dtype == dtype and qt.dequantize().dtype == dtype
 
 
-def test_ecsq_rate_cap_with_an_outlier():
-    """A huge outlier forces the step floor (codes must fit 256 values): the rate target
-    cannot be met, which the metadata says, and nothing wraps."""
-    w = gaussian(64, 256)
-    w[5, 7] = 1000.0
-    qt = eoq.quantize_tensor(w, "ecsq", 8)
-    assert qt.meta["rate_limited"]
-    assert int(qt.codes.max()) <= 255
+def _within_half_step(qt, w):
     w_hat = qt.dequantize(torch.float32)
     step = float(qt.side["steps"][0])
     # each rotated value is within step/2 and the rotation is orthonormal
     assert float((w_hat - w).double().pow(2).sum()) <= w.numel() * (0.5 * step) ** 2 * 1.001
+
+
+def test_ecsq_codes_past_8_bits_with_an_outlier():
+    """An outlier 1000 sigma out used to force the 256-code step floor (5.9 bits at most);
+    codes past 8 bits (low bits stored raw) now meet 8 bits/weight exactly."""
+    w = gaussian(64, 256)
+    w[5, 7] = 1000.0
+    qt = eoq.quantize_tensor(w, "ecsq", 8)
+    assert not qt.meta["rate_limited"] and qt.meta["low_bits"] >= 1
+    assert 7.9 <= qt.bits_per_weight() <= 8.0
+    assert int(qt.codes.max()) <= 255 and qt.side["low"].dtype == torch.uint8
+    _within_half_step(qt, w)
+
+
+def test_ecsq_rate_cap_with_a_huge_outlier():
+    """Levels must span < 2^16 values: a 10^6-sigma outlier hits that floor at 12 bits, which
+    the metadata says, and nothing wraps."""
+    w = gaussian(64, 256)
+    w[5, 7] = 1e6
+    qt = eoq.quantize_tensor(w, "ecsq", 12)
+    assert qt.meta["rate_limited"] and qt.meta["low_bits"] == 8
+    assert qt.bits_per_weight() < 12
+    _within_half_step(qt, w)
+
+
+@pytest.mark.parametrize("bits", [6.5, 8, 10])
+def test_ecsq_high_rates_within_half_a_percent_of_the_entropy(bits):
+    """The stored codes (rANS stream of hi + raw low bits) cost within 0.5 % of the order-0
+    entropy of the full levels, and the rate target is met."""
+    w = gaussian(512, 2048, seed=3)
+    qt = eoq.quantize_tensor(w, "ecsq", bits)
+    assert abs(qt.bits_per_weight() - bits) < 0.01 * bits
+    k = qt.meta.get("low_bits", 0)
+    levels = qt.codes.to(torch.int64)
+    if k:
+        low = ops.unpack_bits(qt.side["low"], k, levels.numel()).view(levels.shape)
+        levels = (levels << k) | low.to(torch.int64)
+    _, counts = torch.unique(levels, return_counts=True)
+    p = counts.double() / counts.sum()
+    entropy = float(-(p * p.log2()).sum()) * levels.numel()
+    stored = 8 * (qt.stored_bytes() - qt.side["steps"].numel() * 4)
+    assert entropy <= stored <= 1.005 * entropy
+    assert (k >= 1) == (bits >= 8)
+    _within_half_step(qt, w)
+
+
+@pytest.mark.parametrize("bits", [1.5, 2, 2.5, 3])
+def test_ecsq_fitted_reconstruction_never_increases_the_error(bits):
+    """At low rates the fitted reconstruction points (conditional means of the cells) lower the
+    error on the weights they were fitted on, at the same codes; the rate target holds."""
+    w = gaussian(128, 512, seed=7)
+    w[:, :16] *= 4  # not quite Gaussian
+    plain = eoq.quantize_tensor(w, "ecsq", bits, recon=False)
+    fitted = eoq.quantize_tensor(w, "ecsq", bits)
+    assert fitted.bits_per_weight() <= bits
+    if "recon" in fitted.meta:
+        r = fitted.side["recon"]
+        assert r.dtype == torch.float32 and r.numel() == fitted.meta["recon"] <= 4
+        # the same codes with the midpoints: the fitted values only lower the error
+        mid = dataclasses.replace(fitted, side={k: v for k, v in fitted.side.items() if k != "recon"},
+                                  meta={k: v for k, v in fitted.meta.items() if k != "recon"})
+        assert mse(fitted, w) <= mse(mid, w) * (1 + 1e-6)
+    if bits <= 2.5:
+        assert "recon" in fitted.meta and mse(fitted, w) < 0.97 * mse(plain, w)
+
+
+def test_ecsq_no_reconstruction_points_at_high_rates_or_with_feedback():
+    w = gaussian(64, 512)
+    assert "recon" not in eoq.quantize_tensor(w, "ecsq", 5).meta
+    assert "recon" not in eoq.quantize_tensor(w, "ecsq", 2, hessian=torch.eye(512, dtype=torch.float64)).meta
 
 
 # ---- ecsq row importance ------------------------------------------------------------------

@@ -279,7 +279,7 @@ def test_dequantize_entry_is_bit_identical(lq, method, bits, options, cols):
 def test_dequantize_entry_with_awq(lq, method, bits, options, cols):
     w = _weight(32, cols, seed=cols + 1)
     importance = torch.rand(cols, generator=torch.Generator().manual_seed(2)) ** 4 * 10
-    qt = eoq.quantize_tensor(w, method, bits, importance=importance, awq=True, seed=3, **options)
+    qt = eoq.quantize_tensor(w, method, bits, importance=importance, awq=True, seed=3, awq_none=False, **options)
     assert "awq_scales" in qt.side
     for dtype in (torch.float32, torch.bfloat16):
         entry, parts = make_entry(qt, "rans", dtype)

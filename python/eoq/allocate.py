@@ -58,7 +58,8 @@ import torch
 
 from .methods import ecsq
 
-GRID = 24            # steps per curve: rates ~0.25 bit apart between 1.5 and 8 bits/weight
+GRID = 32            # steps per curve: rates ~0.35 bit apart from 0 to max_bits + 2 bits/weight
+TOP_MARGIN = 2.0     # the finest step is aimed at max_bits + 2 (the Gaussian estimate's margin)
 SIG_DIGITS = 9       # distortions are rounded to this many significant digits (thread-count proof)
 
 
@@ -77,7 +78,11 @@ def rd_curve(w: torch.Tensor, importance: Optional[torch.Tensor] = None, block_s
     n = w.numel()
     energy = p.energy() or 1.0
     pts = []
-    lo, hi = torch.tensor([p.lo, p.hi]).log().tolist()  # float32, as the grid itself
+    # The finest step: where a Gaussian of the rows' RMS would cost max_bits + TOP_MARGIN bits
+    # (h = log2(rms / step) + 2.05), no finer than ecsq's own floor p.lo.
+    rms = float(p.x.double().pow(2).mean().sqrt())
+    finest = max(p.lo, min(rms * 2.0 ** (2.05 - max_bits - TOP_MARGIN), p.hi / 2))
+    lo, hi = torch.tensor([finest, p.hi]).log().tolist()  # float32, as the grid itself
     for s in torch.linspace(lo, hi, GRID).exp().tolist():
         s = max(s, p.lo)
         bits, dist = p.rate_and_spread_distortion(s)

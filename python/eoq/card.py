@@ -95,7 +95,7 @@ def _storage(manifest: dict, top: int = 8) -> str:
     for _, name in big:
         e = manifest["tensors"][name]
         lines.append(f"| `{name}` | {e['shape']} | {e['method']} | {e['bits_per_weight']:.3f} | "
-                     f"{e['code_entropy']:.3f} | {e['meta'].get('awq_alpha', '–')} |")
+                     f"{e['code_entropy']:.3f} | {_alpha(e['meta'])} |")
     rules = manifest["config"].get("protect") or []
     if rules:
         lines += ["", "Protection rules (first match wins):", ""]
@@ -238,3 +238,10 @@ def write_card(folder, base_model: Optional[str] = None) -> pathlib.Path:
     tmp.write_text(card_text(folder, base_model))
     tmp.replace(path)
     return path
+
+
+def _alpha(meta: dict) -> str:
+    """AWQ's alpha of an entry: '–' without calibration, 'none' when no scales won the search."""
+    if "awq_alpha" not in meta:
+        return "–"
+    return "none" if meta["awq_alpha"] is None else str(meta["awq_alpha"])

@@ -53,7 +53,7 @@ def quantize_parser(sub) -> None:
                         "measured effect on the output), proxy (by each tensor's own relative error; the default "
                         "data-free), uniform (one rate); global = proxy")
     p.add_argument("--allocation-range", type=float, nargs=2, metavar=("LO", "HI"),
-                   help="bits/weight each tensor may get (default 1.5 8)")
+                   help="bits/weight each tensor may get (default 1.5 10; at most 12)")
     p.add_argument("--sensitivity-sequences", type=int, help="calibration sequences of the Fisher pass (default 8)")
     p.add_argument("--seed", type=int)
     p.add_argument("--codec", choices=("auto", "rans", "packed"))
@@ -62,6 +62,9 @@ def quantize_parser(sub) -> None:
     p.add_argument("--calibration", help="calibration text: a file, a datasets name, or 'self' (default)")
     p.add_argument("--data-free", action="store_true", help="no calibration and no AWQ")
     p.add_argument("--no-awq", action="store_true", help="importance weighting without AWQ scales")
+    p.add_argument("--feedback", choices=("gptq", "none"),
+                   help="error feedback over the inputs' covariance (GPTQ-style, every method; needs calibration)")
+    p.add_argument("--feedback-damp", type=float, help="relative damping of the covariance (default 0.01)")
     p.add_argument("--calib-sequences", type=int)
     p.add_argument("--calib-seq-len", type=int)
     p.add_argument("--keep-embeddings", action="store_true",
@@ -89,13 +92,15 @@ def config_from_args(a) -> QuantConfig:
             d.update(json.load(f))
     for key in ("method", "bits", "target_size", "block_size", "seed", "codec", "calibration", "calib_sequences",
                 "calib_seq_len", "sensitivity_sequences", "min_numel", "max_shard_size", "dtype", "allocation",
-                "allocation_range"):
+                "allocation_range", "feedback_damp"):
         if getattr(a, key) is not None:
             d[key] = getattr(a, key)
     if a.data_free:
         d["calibration"], d["awq"] = None, False
     if a.no_awq:
         d["awq"] = False
+    if a.feedback is not None:
+        d["feedback"] = None if a.feedback == "none" else a.feedback
     if a.keep_embeddings:
         d["quantize_embeddings"] = d["quantize_lm_head"] = False
     for opt in a.option:
@@ -204,7 +209,7 @@ def push_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eoq", description="entropy-optimal quantization of LLM checkpoints")
     sub = parser.add_subparsers(dest="command", required=True)
     quantize_parser(sub)
@@ -212,7 +217,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     eval_parser(sub)
     card_parser(sub)
     push_parser(sub)
-    a = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    a = build_parser().parse_args(argv)
     try:
         return a.func(a)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, ImportError) as e:

@@ -100,14 +100,29 @@ def stored_dtype(source: Source, config: QuantConfig) -> Optional[torch.dtype]:
 
 def importance_for(source: Source, stats: Optional[dict], name: str) -> Optional[torch.Tensor]:
     """E[a^2] of the inputs of the module owning `name` (for a tied embedding: of the head)."""
+    s = stats_for(source, stats, name)
+    return None if s is None else s.mean_sq
+
+
+def stats_for(source: Source, stats: Optional[dict], name: str):
+    """The ActStats of the module owning `name` (for a tied embedding: of the head), or None."""
     if not stats:
         return None
     owners = [name] + [h for h, target in source.tied.items() if target == name]
     for owner in owners:
         module = owner.removesuffix(".weight")
         if module in stats:
-            return stats[module].mean_sq
+            return stats[module]
     return None
+
+
+def feedback_options(source: Source, config: QuantConfig, stats: Optional[dict], name: str, cols: int) -> dict:
+    """quantize_tensor's error-feedback arguments for `name`: the covariance of its inputs
+    when the config asks for feedback and the calibration measured it, else none."""
+    s = stats_for(source, stats, name) if config.feedback else None
+    if s is None or s.sum_outer is None or s.sum_outer.shape[0] != cols:
+        return {}
+    return {"hessian": s.hessian, "damp": config.feedback_damp, "hessian_tokens": s.count}
 
 
 def quantize_one(source: Source, config: QuantConfig, name: str, t: torch.Tensor, p: dict,
@@ -124,9 +139,10 @@ def quantize_one(source: Source, config: QuantConfig, name: str, t: torch.Tensor
     w = t.t() if transposed else t
     imp = importance_for(source, stats, name)
     rows_w, row_tokens = row_importance_for(source, sens, name)
+    fb = feedback_options(source, config, stats, name, w.shape[1])
     qt = quantize_tensor(w, p["method"], p["bits"], p["block_size"], importance=imp,
                          seed=tensor_seed(config.seed, name), awq=bool(config.awq and imp is not None), name=name,
-                         row_importance=rows_w, row_tokens=row_tokens, **p["options"])
+                         row_importance=rows_w, row_tokens=row_tokens, **fb, **p["options"])
     qt.dtype = t_out.dtype  # what the weight is dequantized to
     qt.bits = p["bits"]     # as asked (AWQ takes its scales' bits out of ecsq's rate target)
     return repo.quantized_entry(qt, config.codec, p["kind"], transposed, t.shape, p.get("rule"))
@@ -231,7 +247,7 @@ def allocate_rates(source: Source, config: QuantConfig, partial: "Partial", plan
     if note:
         result["note"] = note
     if mode == "uniform" or not names:
-        rate = min(left / max(weights, 1), 8.0)
+        rate = min(left / max(weights, 1), hi)
         rates = {n: rate for n in names}
     else:
         curves = {}
@@ -313,6 +329,10 @@ def atomic_write(path: pathlib.Path, text: str) -> None:
 # ---- calibration ----------------------------------------------------------------------------
 
 
+def has_covariance(stats: Optional[dict]) -> bool:
+    return bool(stats) and all(s.sum_outer is not None for s in stats.values())
+
+
 def calibrate(source: Source, config: QuantConfig, root: pathlib.Path, progress: bool, stats=None,
               sens: Optional[Sensitivity] = None) -> tuple[Optional[dict], Optional[dict], Optional[Sensitivity]]:
     """Activation statistics of every Linear and the sensitivity pass (Fisher sums, token
@@ -324,10 +344,13 @@ def calibrate(source: Source, config: QuantConfig, root: pathlib.Path, progress:
     sens_path = root / "sensitivity.safetensors"
     # the Fisher pass for a sensitivity allocation; token counts for the vocabulary rows either way
     want_sens = sens is None and (config.allocation == "sensitivity" or bool(source.vocab))
+    covariance = bool(config.feedback)
     if info_path.is_file() and (stats is not None or path.is_file()) and (not want_sens or sens_path.is_file()):
         info = json.loads(info_path.read_text())
-        return (stats if stats is not None else cal.load_stats(path) if path.is_file() else None), info, \
-            (sens if sens is not None else Sensitivity.load(sens_path) if sens_path.is_file() else None)
+        saved = stats if stats is not None else cal.load_stats(path) if path.is_file() else None
+        if not covariance or stats is not None or has_covariance(saved):  # else measure again, with it
+            return saved, info, (sens if sens is not None else Sensitivity.load(sens_path) if sens_path.is_file()
+                                 else None)
     if source.tokenizer is None:
         raise ValueError(f"{source.name}: calibration needs a tokenizer and none was found; pass tokenizer=, or "
                          f"calibration=None (data-free), or stats= and sensitivity= measured elsewhere")
@@ -344,12 +367,13 @@ def calibrate(source: Source, config: QuantConfig, root: pathlib.Path, progress:
         return stats, info, sens
     if config.calibration == "self":
         new_stats, text, seqs = cal.self_stats(model, source.tokenizer, config.calib_sequences,
-                                               config.calib_self_len, seed=config.seed, progress=progress)
+                                               config.calib_self_len, seed=config.seed, progress=progress,
+                                               covariance=covariance)
         shape = (config.calib_sequences, config.calib_self_len)
     else:
         text = cal.load_text(config.calibration)
         seqs = cal.token_sequences(text, source.tokenizer, config.calib_sequences, config.calib_seq_len)
-        new_stats = cal.collect_stats(model, seqs, progress=progress) if stats is None else stats
+        new_stats = cal.collect_stats(model, seqs, progress=progress, covariance=covariance) if stats is None else stats
         shape = (len(seqs), config.calib_seq_len)
     stats = new_stats if stats is None else stats
     if want_sens:
@@ -553,6 +577,9 @@ def quantize_model(model_or_path, out_dir: Union[str, os.PathLike], config: Opti
         stats = load_stats(stats) if isinstance(stats, (str, os.PathLike)) else stats
         calib = {"source": "precomputed", "modules": len(stats),
                  "tokens": max((s.count for s in stats.values()), default=0)}
+    if config.feedback and stats is not None and not has_covariance(stats):
+        raise ValueError(f"feedback={config.feedback!r} needs the inputs' covariance, which the given stats lack: "
+                         f"collect them with eoq.calibration.collect_stats(..., covariance=True)")
     if isinstance(sensitivity, (str, os.PathLike)):
         sensitivity = Sensitivity.load(sensitivity)
     if not config.data_free and (stats is None or sensitivity is None and config.allocation == "sensitivity"):

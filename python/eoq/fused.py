@@ -28,7 +28,7 @@ __all__ = ["dequantize_fused", "handles"]
 
 MIN_BLOCK = 16
 MAX_BLOCK = 1 << 16
-ECSQ_PARTS = {"codes", "steps", "awq_scales"}
+ECSQ_PARTS = {"codes", "steps", "awq_scales", "low", "recon"}
 # Every intermediate stays below this (the largest partial sum of a Hadamard block is
 # block * max |(code + offset) * step|); past it float32 could overflow into inf - inf = NaN.
 FINITE_BOUND = 2.0 ** 126
@@ -98,7 +98,20 @@ def dequantize_fused(name: str, entry: dict, parts: dict[str, torch.Tensor], dty
         raise ValueError(f"{name}: meta.padded_cols {padded} is not a multiple of the rotation block {block}")
     if _shape2(entry.get("code_shape"), "code_shape", name) != (rows, padded):
         raise ValueError(f"{name}: code_shape {entry.get('code_shape')} must be [rows, padded_cols] = [{rows}, {padded}]")
-    offset = _int(meta.get("offset"), "meta.offset", name, -(1 << 31), (1 << 31) - 256)
+    low_bits = _int(meta.get("low_bits", 0), "meta.low_bits", name, 0, 8)
+    top = (256 << low_bits) - 1  # the largest level
+    offset = _int(meta.get("offset"), "meta.offset", name, -(1 << 31), (1 << 31) - 1 - top)
+    low = parts.get("low")
+    if (low is not None) != (low_bits > 0):
+        raise ValueError(f"{name}: the part low must be stored exactly when meta.low_bits > 0")
+    if low is not None and not (isinstance(low, torch.Tensor) and low.dtype == torch.uint8 and low.dim() == 1):
+        raise ValueError(f"{name}.low: expected a 1-D uint8 tensor")
+    if low is not None:  # ops.unpack_bits' own checks, which the kernel's reader skips
+        total = rows * padded * low_bits
+        if low.numel() != -(-total // 8):
+            raise ValueError(f"{name}.low: {low.numel()} bytes for {rows * padded} values of {low_bits} bits")
+        if total % 8 and int(low[-1]) >> (total % 8):
+            raise CorruptStreamError(f"{name}.low: padding bits of the last byte are not zero")
     g = meta.get("group_rows")
     g = rows if g is None else _int(g, "meta.group_rows", name, 1, 1 << 40)
     seed = _int(entry.get("seed"), "seed", name, 0, (1 << 64) - 1)
@@ -123,7 +136,18 @@ def dequantize_fused(name: str, entry: dict, parts: dict[str, torch.Tensor], dty
         if bool(bad.any()):
             i = int(bad.nonzero()[0])
             raise ValueError(f"{name}.awq_scales: value {float(awq[i])} at index {i} is not finite and non-zero")
-    if max(abs(offset), abs(offset + 255)) * float(steps.max()) * block >= FINITE_BOUND:
+    recon = parts.get("recon")
+    if (recon is not None) != bool(meta.get("recon")):
+        raise ValueError(f"{name}: the part recon must be stored exactly when meta.recon is set")
+    biggest = max(abs(offset), abs(offset + top))
+    if recon is not None:
+        recon = _side(name, "recon", recon, _int(meta.get("recon"), "meta.recon", name, 1, 8))
+        if recon.dtype != torch.float32 or low_bits:
+            return None
+        if not bool(torch.isfinite(recon).all()):
+            raise ValueError(f"{name}.recon: values must be finite")
+        biggest = max(biggest, float(recon.abs().max()))
+    if biggest * float(steps.max()) * block >= FINITE_BOUND:
         return None
 
     final_shape = [cols, rows] if transposed else [rows, cols]
@@ -141,7 +165,7 @@ def dequantize_fused(name: str, entry: dict, parts: dict[str, torch.Tensor], dty
             bits = _int(entry.get("code_bits"), "code_bits", name, 1, 8)
             codes, codec = ops.unpack_bits(stream, bits, rows * padded), "codes"
         w = ops.ecsq_dequantize(codes, rows, cols, padded, block, seed, offset, steps, g, awq, dtype, codec,
-                                out=None if transposed else out)
+                                out=None if transposed else out, low=low, low_bits=low_bits, recon=recon)
     except CorruptStreamError as e:
         raise CorruptStreamError(f"{name}.codes: {e}") from e
     if not transposed:

@@ -38,7 +38,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from . import repo
 
-SIDE_PARTS = ("codes", "scales", "steps", "codebook", "awq_scales")
+SIDE_PARTS = ("codes", "scales", "steps", "codebook", "awq_scales", "low", "recon")
 
 
 class EoqConfig(QuantizationConfigMixin):

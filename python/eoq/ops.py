@@ -133,7 +133,8 @@ DEQUANT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 def ecsq_dequantize(codes: torch.Tensor, rows: int, cols: int, padded_cols: int, block: int, seed: int,
                     offset: int, steps: torch.Tensor, group_rows: Optional[int] = None,
                     awq_scales: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.bfloat16,
-                    codec: str = "rans", out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    codec: str = "rans", out: Optional[torch.Tensor] = None, low: Optional[torch.Tensor] = None,
+                    low_bits: int = 0, recon: Optional[torch.Tensor] = None) -> torch.Tensor:
     """ecsq codes -> the [rows, cols] weight in ``dtype``, in one fused pass (cpp/dequant.h).
 
     ``codes``: the EOQR stream of the rows x padded_cols codes (``codec="rans"``), or the
@@ -144,6 +145,10 @@ def ecsq_dequantize(codes: torch.Tensor, rows: int, cols: int, padded_cols: int,
     (widened to float32), rounded to ``dtype`` (bfloat16, float16 or float32). The stream's
     count is checked before anything is decoded; a corrupt stream raises CorruptStreamError.
     ``out``: a contiguous [rows, cols] CPU tensor of ``dtype`` to write into (returned).
+    ``low``, ``low_bits``: codes past 8 bits; the level is ``(code << low_bits) | low`` with
+    ``low`` the packed (pack_bits) low bits of every code, given exactly when low_bits > 0.
+    ``recon``: fitted reconstruction points (float32, 1..8, never with low bits): the level
+    v = code + offset with 1 <= |v| <= len(recon) stands for sign(v) * recon[|v| - 1].
     """
     if codec not in ("rans", "codes"):
         raise ValueError(f"codec must be 'rans' or 'codes', got {codec!r}")
@@ -160,8 +165,12 @@ def ecsq_dequantize(codes: torch.Tensor, rows: int, cols: int, padded_cols: int,
         offset = operator.index(offset)
     except TypeError:
         raise ValueError(f"offset must be an int, got {offset!r}") from None
-    if not -(1 << 31) <= offset <= (1 << 31) - 256:
-        raise ValueError(f"offset {offset} out of range: offset + 255 must fit in int32")
+    low_bits = _count(low_bits, "low_bits")
+    if low_bits > 8 or (low_bits > 0) != (low is not None):
+        raise ValueError(f"low_bits must be in [0, 8] and low given exactly when it is > 0, got {low_bits}")
+    top = (256 << low_bits) - 1
+    if not -(1 << 31) <= offset <= (1 << 31) - 1 - top:
+        raise ValueError(f"offset {offset} out of range: offset + {top} must fit in int32")
     g = rows if group_rows is None else _count(group_rows, "group_rows")
     if g == 0 and rows > 0:
         raise ValueError("group_rows must be >= 1")
@@ -170,7 +179,9 @@ def ecsq_dequantize(codes: torch.Tensor, rows: int, cols: int, padded_cols: int,
     if out is not None and not isinstance(out, torch.Tensor):
         raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
     return _C.ecsq_dequantize(_u8_1d(codes, "codes"), codec == "rans", rows, cols, padded_cols, block, seed, offset,
-                              steps, max(g, 1), awq, dtype, out)
+                              steps, max(g, 1), awq, dtype, out,
+                              None if low is None else _u8_1d(low, "low"), low_bits,
+                              None if recon is None else _float(recon, "recon").reshape(-1).contiguous())
 
 
 def dequant_kernel() -> str:

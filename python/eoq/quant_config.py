@@ -18,9 +18,12 @@ import json
 import re
 from typing import Any, Optional
 
-from .methods import METHODS
+from .methods import METHODS, ecsq as _ecsq
+
+MAX_RATE = _ecsq.MAX_BITS  # the highest per-tensor rate an allocation may give (ecsq codes past 8 bits)
 
 CODECS = ("auto", "rans", "packed")
+FEEDBACKS = (None, "gptq")
 ALLOCATIONS = ("sensitivity", "proxy", "uniform")
 ALLOCATION_ALIASES = {"global": "proxy"}  # the name of "proxy" before the whole-model budget
 CALIBRATION_OFF = (None, "", "none")
@@ -73,7 +76,7 @@ class QuantConfig:
     # None: "sensitivity" for ecsq with calibration, "proxy" for ecsq data-free, "uniform" for
     # the fixed-rate methods.
     allocation: Optional[str] = None
-    allocation_range: list = dataclasses.field(default_factory=lambda: [1.5, 8.0])
+    allocation_range: list = dataclasses.field(default_factory=lambda: [1.5, 10.0])
     codec: str = "auto"                  # auto: the smaller of rANS and packed, per tensor
     options: dict = dataclasses.field(default_factory=dict)   # passed to the method
     # Activation weighting (the default): statistics of every Linear's inputs on calibration
@@ -84,6 +87,11 @@ class QuantConfig:
     calib_self_len: int = 128            # tokens per sequence when calibration == "self" (sampled in one batch)
     sensitivity_sequences: int = 8       # calibration sequences the Fisher pass uses (one backward pass each)
     awq: bool = True
+    # Error feedback (eoq.feedback): "gptq" quantizes every weight with GPTQ-style feedback over
+    # its inputs' covariance (collected by the calibration pass; needs calibration), on the
+    # method's own grid; feedback_damp is the relative damping of the covariance.
+    feedback: Optional[str] = None
+    feedback_damp: float = 0.01
     # Which tensors: every floating 2-D weight by default, the token embedding and the output
     # head included (a tied pair is stored once); False keeps them in 16 bits.
     quantize_embeddings: bool = True
@@ -106,8 +114,8 @@ class QuantConfig:
             raise ValueError(f"QuantConfig: allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
         lo, hi = (float(b) for b in self.allocation_range)
         self.allocation_range = [lo, hi]  # a list: the config must equal its own JSON round trip
-        if not 0 < lo < hi <= 8:
-            raise ValueError(f"QuantConfig: allocation_range must be (lo, hi) with 0 < lo < hi <= 8, "
+        if not 0 < lo < hi <= MAX_RATE:
+            raise ValueError(f"QuantConfig: allocation_range must be (lo, hi) with 0 < lo < hi <= {MAX_RATE:g}, "
                              f"got {self.allocation_range}")
         if self.allocation != "uniform" and not rate_target:
             raise ValueError(f"QuantConfig: allocation={self.allocation!r} needs a method with a continuous rate "
@@ -134,6 +142,14 @@ class QuantConfig:
         if self.awq and self.calibration is None:
             raise ValueError("QuantConfig: awq=True needs calibration (a text path, a datasets name or 'self'); "
                              "pass awq=False for a data-free conversion")
+        if self.feedback not in FEEDBACKS:
+            raise ValueError(f"QuantConfig: feedback must be one of {FEEDBACKS}, got {self.feedback!r}")
+        if self.feedback and self.calibration is None:
+            raise ValueError(f"QuantConfig: feedback={self.feedback!r} needs calibration (the inputs' covariance); "
+                             f"give calibration= or feedback=None")
+        self.feedback_damp = float(self.feedback_damp)
+        if not 0 < self.feedback_damp < 10:
+            raise ValueError(f"QuantConfig: feedback_damp must be in (0, 10), got {self.feedback_damp}")
         self.protect = [r if isinstance(r, ProtectRule) else ProtectRule(**r) for r in self.protect]
 
     @property

@@ -88,7 +88,8 @@ def check_weight(weight: torch.Tensor, name: str) -> torch.Tensor:
 def quantize_tensor(weight: torch.Tensor, method: str = "ecsq", bits: float = 4, block_size: Optional[int] = None,
                     importance: Optional[torch.Tensor] = None, seed: int = 0, awq: bool = False,
                     name: str = "tensor", row_importance: Optional[torch.Tensor] = None,
-                    row_tokens: Optional[float] = None, **options) -> QuantizedTensor:
+                    row_tokens: Optional[float] = None, hessian: Optional[torch.Tensor] = None,
+                    **options) -> QuantizedTensor:
     """Quantize a 2-D weight (out_features x in_features) with one of the methods.
 
     method: ``absmax``, ``polar``, ``turbo`` or ``ecsq`` (see eoq.methods). importance:
@@ -98,6 +99,11 @@ def quantize_tensor(weight: torch.Tensor, method: str = "ecsq", bits: float = 4,
     ecsq gives each row a step ~ weight^(-1/2) (row_tokens: how many tokens the weights sum
     over, for the unseen rows' floor). The fixed-rate methods quantize each row on its own
     with a fixed code width, so a row's weight cannot change its codes there; they ignore it.
+    hessian: the input covariance E[a a^T] [in, in] (eoq.calibration with covariance=True):
+    every method then quantizes with GPTQ-style error feedback (eoq.feedback; options
+    ``damp``, the relative damping, default 0.01, and ``hessian_tokens``, the number of
+    calibration tokens behind it, for the rank warning); with awq the AWQ scales are folded
+    into it and alpha is chosen by the output error trace(E H E^T) with feedback in the loop.
     Deterministic: same inputs and seed give the same codes whatever the thread count.
     """
     from .methods import METHODS
@@ -114,6 +120,8 @@ def quantize_tensor(weight: torch.Tensor, method: str = "ecsq", bits: float = 4,
         if not bool(torch.isfinite(imp).all()) or bool((imp < 0).any()):
             raise ValueError(f"{name}: importance must be finite and non-negative")
     impl = METHODS[method]
+    if hessian is not None:
+        options = {**options, "hessian": check_hessian(hessian, w.shape[1], name)}
     if row_importance is not None and getattr(impl, "RATE_TARGET", False):
         options = {**options, "row_importance": row_importance, "row_tokens": row_tokens}
     if awq:
@@ -124,6 +132,21 @@ def quantize_tensor(weight: torch.Tensor, method: str = "ecsq", bits: float = 4,
         qt = impl.quantize(w, bits, block_size=block_size, importance=imp, seed=seed, name=name, **options)
     qt.shape, qt.dtype, qt.name = tuple(w.shape), weight.dtype, name
     return qt
+
+
+def check_hessian(hessian: torch.Tensor, cols: int, name: str) -> torch.Tensor:
+    """The covariance as float64 [cols, cols], finite and symmetric (to rounding)."""
+    if not isinstance(hessian, torch.Tensor):
+        raise TypeError(f"{name}: hessian must be a torch.Tensor, got {type(hessian).__name__}")
+    h = hessian.detach().cpu().to(torch.float64)
+    if h.shape != (cols, cols):
+        raise ValueError(f"{name}: hessian has shape {tuple(h.shape)}, expected [{cols}, {cols}] (in_features squared)")
+    if not bool(torch.isfinite(h).all()):
+        raise ValueError(f"{name}: hessian has non-finite values")
+    scale = float(h.abs().max()) or 1.0
+    if float((h - h.t()).abs().max()) > 1e-6 * scale:
+        raise ValueError(f"{name}: hessian is not symmetric")
+    return h
 
 
 def weighted_error(w: torch.Tensor, w_hat: torch.Tensor, importance: Optional[torch.Tensor],

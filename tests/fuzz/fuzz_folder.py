@@ -651,7 +651,8 @@ def build_bases(root: pathlib.Path, eoq, torch):
     gpt2.save_pretrained(str(root / "src-gpt2"))
     rules = [eoq.ProtectRule("mlp.up_proj", regex=True, action="quantize", method="absmax", bits=4),
              eoq.ProtectRule("mlp.gate_proj", regex=True, action="quantize", method="absmax", bits=3),
-             eoq.ProtectRule("self_attn.o_proj", regex=True, action="passthrough")]
+             eoq.ProtectRule("self_attn.o_proj", regex=True, action="passthrough"),
+             eoq.ProtectRule("mlp.down_proj", regex=True, action="quantize", method="ecsq", bits=10)]  # low bits
     common = dict(method="ecsq", bits=6, calibration=None, awq=False)
     specs = [("llama", "src-llama", eoq.QuantConfig(protect=rules, **common)),
              ("llama-sharded", "src-llama", eoq.QuantConfig(protect=rules, codec="packed", max_shard_size=20_000,

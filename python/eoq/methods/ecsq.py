@@ -29,13 +29,41 @@ ROW_RANGE times its geometric mean either way, so the multipliers span at most
 alphabet's step floor (below) up for everybody. The per-row steps are stored (32 bits a
 row), so the dequantizer is the ``group_rows=1`` one.
 
+Error feedback (option ``hessian=``, the input covariance E[a a^T] of the Linear; GPTQ,
+eoq.feedback): the rotated rows are quantized column by column on the same grid (the same
+steps), each column's rounding error pushed onto the columns not yet quantized through the
+inverse of the covariance in the rotated domain, so the output error (W - W_hat) H (W -
+W_hat)^T drops while the format stays as it is. The codes' distribution changes (it
+widens), so every rate the step search and the exact-size loop measure is measured on the
+codes after feedback: the rate target is met honestly. The codes are clamped to the range
+plain rounding gives at that step. The allocator's rate-distortion curves
+(rate_and_spread_distortion) stay those of plain rounding: feedback lowers every tensor's
+error by a similar factor, which moves the curves but hardly the balance between them.
+
+Reconstruction at low rates: the midpoint q * step is the best reconstruction of a cell only
+where the density is flat across it. At 2-3 bits the cells next to zero are wide against the
+distribution's width, and the conditional mean of each cell lies closer to zero. After the
+codes are chosen, the reconstruction of the levels |q| = 1..RECON_MAX is fitted: r_m = the
+(step^2-weighted) mean of |x| / step over the values coded +-m (the conditional mean), stored
+as ``recon`` (float32, a few values per tensor, counted in the size) and kept only when it
+removes at least RECON_GAIN of the error. The rate is unchanged (same codes); the error can
+only fall on the weights it was fitted on. Not with error feedback (which already chose the
+codes for the midpoints' errors) nor with low bits (high rates, where it gains nothing).
+
 Theory (high rate, Gaussian): a uniform quantizer with ideal entropy coding sits
 0.254 bit/weight above the rate-distortion bound (the 1.53 dB space-filling loss); fixed-
 rate Lloyd-Max sits further above it (0.42 bit at 4 bits).
 
-Codes are stored as q - min(q) in uint8 (the offset is in the metadata), so q must span
-at most 256 values: the step never goes below (max - min of x) / 254, which caps the rate
-at about 7 bits per weight for Gaussian-like rows.
+Codes past 8 bits (docs/FORMAT.md "ecsq codes"): the level c = q - min(q) (the offset is
+in the metadata) is split as c = (hi << k) | lo with k = low_bits, the fewest bits that leave
+hi < 256. hi is rANS-coded as byte symbols; lo is stored raw, k bits a value (a side part
+``low``, bit-packed). Whenever q spans at most 256 values k = 0 and nothing changes. Storing
+lo raw costs close to nothing: k > 0 only when q spans more than 256 values, so a cell of
+hi is at most (span / 128) steps wide, i.e. a few hundredths of the distribution's width,
+where any smooth density is flat; the measured loss at 8 bits/weight on Gaussian rows is
+under 0.1 % of the entropy (tests/test_methods.py). The step never goes below
+(max - min of x) / (LEVELS - 2): levels span less than 2^16 values (k <= 8), enough for
+about 12 bits per weight on Gaussian rows.
 """
 
 from __future__ import annotations
@@ -55,12 +83,52 @@ GOLDEN = (math.sqrt(5) - 1) / 2
 SEARCH_ITERS = 48
 ROW_PRIOR = 1.0      # an unseen row weighs like a token seen once (additive smoothing)
 ROW_RANGE = 16.0     # row weights clipped to [gm / 16, gm * 16]: step multipliers within 4x either way
+LEVELS = 1 << 16     # q spans fewer values than this: hi a byte, lo at most 8 bits (ops.pack_bits)
+MAX_BITS = 12.0      # the largest target rate: Gaussian rows need ~2^(bits-2) * 9 < LEVELS levels
+RECON_MAX = 4        # fitted reconstruction levels |q| = 1..4: where cells are wide against the density
+RECON_GAIN = 0.005   # kept only if they remove >= 0.5 % of the error (32 bits each are then well spent)
+RECON_RATE = 4.0     # fitted only up to this target rate: above it they never remove RECON_GAIN
 
 
 def stream_overhead_bits(n: int, alphabet: int) -> int:
     """Bytes an EOQR stream adds to n * H (docs/FORMAT.md): header, table, index, states."""
     chunks = max(1, -(-n // (1 << 18)))
     return 8 * (30 + 2 * alphabet + 4 + chunks * (8 + 128))
+
+
+def low_bits_for(span: int) -> int:
+    """k: the fewest low bits that leave (span - 1) >> k < 256 (span = the number of levels)."""
+    k = 0
+    while (span - 1) >> k > 255:
+        k += 1
+    return k
+
+
+def split_codes(q: torch.Tensor) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+    """(offset, k, hi, lo) of integer-valued codes q: q = offset + (hi << k | lo), hi and lo uint8."""
+    offset = int(q.min())
+    c = (q - offset).to(torch.int32)
+    k = low_bits_for(int(c.max()) + 1)
+    if int(c.max()) >= LEVELS:  # the step floor makes this impossible; never wrap silently
+        raise AssertionError(f"ecsq codes span {int(c.max()) + 1} values")
+    hi = (c >> k).to(torch.uint8)
+    lo = (c & ((1 << k) - 1)).to(torch.uint8)
+    return offset, k, hi, lo
+
+
+def coded_bits(q: torch.Tensor) -> float:
+    """The estimated stored size of integer codes q in bits: n * H(hi) + the raw low bits
+    (whole bytes) + the stream's overhead (what the rANS coder reaches within ~0.1 %)."""
+    _, k, hi, _ = split_codes(q)
+    n = q.numel()
+    return code_entropy_bits(hi) * n + 8 * (-(-n * k // 8)) + stream_overhead_bits(n, int(hi.max()) + 1)
+
+
+def stored_code_bytes(q: torch.Tensor) -> int:
+    """The exact bytes the codes of q take: the rANS stream of hi and the packed low bits."""
+    _, k, hi, _ = split_codes(q)
+    n = q.numel()
+    return int(ops.rans_encode(hi.reshape(-1).contiguous()).numel()) + -(-n * k // 8)
 
 
 def row_multipliers(row_importance: torch.Tensor, row_tokens: Optional[float] = None) -> torch.Tensor:
@@ -84,10 +152,11 @@ class Problem:
     every row, and the distortion is measured back in the weight's own scale."""
 
     def __init__(self, w, block_size=None, seed=0, importance=None, group_rows=None, row_importance=None,
-                 row_tokens=None):
+                 row_tokens=None, feedback_u=None):
         self.block, self.padded = rotation.choose_block(w.shape[1], int(block_size or DEFAULT_BLOCK))
         x = rotation.rotate(w, self.block, self.padded, seed)
         self.w, self.seed, self.imp = w, seed, importance
+        self.rotated, self.u = x, feedback_u  # u: error feedback's factor in the rotated domain, or None
         rows = x.shape[0]
         self.rows_w = None if row_importance is None else row_importance.double().reshape(-1, 1)
         self.m = None if row_importance is None else row_multipliers(row_importance, row_tokens).reshape(-1, 1)
@@ -96,7 +165,7 @@ class Problem:
         self.groups = [slice(r, min(rows, r + g)) for r in range(0, rows, g)]
         self.stored_steps = rows if self.m is not None else len(self.groups)
         x = self.x
-        self.lo = max(float(x.max() - x.min()) / 254.0, 1e-30)  # q spans <= 255 steps even after rounding
+        self.lo = max(float(x.max() - x.min()) / (LEVELS - 2), 1e-30)  # q spans < LEVELS even after rounding
         self.hi = max(2.0 * float(x.abs().max()), 2 * self.lo)  # every q = 0
 
     def q(self, sl, step):
@@ -122,10 +191,7 @@ class Problem:
         float64 copies (what makes a rate-distortion curve of a whole model affordable;
         eoq.allocate); measured within 0.1 % of it on Gaussian rows."""
         q = torch.round(self.x / step)
-        qmin, qmax = int(q.min()), int(q.max())
-        n = q.numel()
-        h = code_entropy_bits((q - qmin).to(torch.uint8))
-        bits = h * n + stream_overhead_bits(n, qmax - qmin + 1) + 32 * self.stored_steps
+        bits = coded_bits(q) + 32 * self.stored_steps
         e = q.mul_(step).sub_(self.x).pow_(2).sum(1, dtype=torch.float64)
         if self.m is not None:
             e = e * self.m.reshape(-1).double().pow(2)
@@ -139,7 +205,17 @@ class Problem:
         return weighted_error(self.w, torch.zeros_like(self.w), self.imp, self.rows_w)
 
     def codes(self, steps):
-        return torch.cat([self.q(sl, s) for sl, s in zip(self.groups, steps)])
+        plain = torch.cat([self.q(sl, s) for sl, s in zip(self.groups, steps)])
+        if self.u is None:
+            return plain
+        from .. import feedback
+
+        scale = torch.cat([torch.full((sl.stop - sl.start, 1), float(s)) for sl, s in zip(self.groups, steps)])
+        if self.m is not None:
+            scale = scale * self.m
+        codes, _ = feedback.gptq(self.rotated, self.u, scale.float().contiguous(), group=self.padded,
+                                 qmin=int(plain.min()), qmax=int(plain.max()))
+        return codes.float()
 
     def stored(self, steps) -> torch.Tensor:
         """The float32 steps as stored: one per group, or one per row with row multipliers."""
@@ -148,11 +224,7 @@ class Problem:
         return (float(steps[0]) * self.m.reshape(-1)).float()
 
     def total_bits(self, steps, numel):
-        q = self.codes(steps)
-        qmin, qmax = int(q.min()), int(q.max())
-        n = q.numel()
-        h = code_entropy_bits((q - qmin).to(torch.uint8))
-        return h * n + stream_overhead_bits(n, qmax - qmin + 1) + 32 * self.stored_steps
+        return coded_bits(self.codes(steps)) + 32 * self.stored_steps
 
     def best_step(self, sl, lam):
         """argmin over log(step) of D + lam * R for one group (golden-section search)."""
@@ -161,8 +233,7 @@ class Problem:
         def cost(log_step):
             s = math.exp(log_step)
             q = self.q(sl, s)
-            h = code_entropy_bits((q - q.min()).to(torch.uint8))
-            return self.distortion(sl, s) + lam * h * n
+            return self.distortion(sl, s) + lam * coded_bits(q)
 
         a, b = math.log(self.lo), math.log(self.hi)
         c, d = b - GOLDEN * (b - a), a + GOLDEN * (b - a)
@@ -208,6 +279,20 @@ def _solve(f, lo, hi, tol):
     return math.exp(b)
 
 
+def _solve_single(p: Problem, numel: int, target: float) -> float:
+    """The one step that meets the target. With feedback the plain-rounding step comes first
+    (cheap) and brackets the search: feedback widens the codes, so its step is larger."""
+    u, p.u = p.u, None
+    s = _solve(lambda s: p.total_bits([s], numel) - target, p.lo, p.hi, tol=1e-4 * target)
+    p.u = u
+    if u is None:
+        return s
+    hi = min(p.hi, 2 * s)
+    if p.total_bits([hi], numel) > target:
+        hi = p.hi
+    return _solve(lambda s: p.total_bits([s], numel) - target, s, hi, tol=1e-4 * target)
+
+
 def _meet_exactly(p: Problem, steps, target: float):
     """Widen the steps until the real stream (not the entropy estimate) fits the target.
 
@@ -217,17 +302,44 @@ def _meet_exactly(p: Problem, steps, target: float):
     """
     for _ in range(8):
         q = p.codes(steps)
-        codes = (q - q.min()).to(torch.uint8).reshape(-1)
-        excess = 8 * ops.rans_encode(codes).numel() + 32 * p.stored_steps - target
+        excess = 8 * stored_code_bytes(q) + 32 * p.stored_steps - target
         if excess <= 0:
             break
         steps = [s * 2.0 ** (excess / q.numel() + 1e-4) for s in steps]
     return steps
 
 
+def fit_recon(p: Problem, q: torch.Tensor, steps) -> Optional[torch.Tensor]:
+    """Fitted reconstruction points for levels 1..RECON_MAX (module docstring), or None when
+    they would remove less than RECON_GAIN of the error. Measured in the rotated domain with
+    each row's error in the weight's scale (an orthonormal rotation keeps squared errors)."""
+    s = torch.cat([torch.full((sl.stop - sl.start, 1), float(st)) for sl, st in zip(p.groups, steps)]).double()
+    if p.m is not None:
+        s = s * p.m.double()
+    t = p.rotated.double() / s
+    wt = (s * s).expand_as(t)
+    mags = q.abs()
+    top = min(RECON_MAX, int(mags.max()))
+    if top < 1:
+        return None
+    recon = []
+    for m in range(1, top + 1):
+        cell = mags == m
+        den = float(wt[cell].sum())
+        recon.append(float((wt[cell] * t[cell] * q[cell].sign()).sum()) / den if den > 0 else float(m))
+    r = torch.tensor(recon, dtype=torch.float32)
+    fitted = torch.where((mags >= 1) & (mags <= top), q.sign() * r.double()[(mags.long() - 1).clamp(0, top - 1)], q)
+    before = float((wt * (t - q).pow(2)).sum())
+    after = float((wt * (t - fitted).pow(2)).sum())
+    moved = float((r - torch.arange(1, top + 1)).abs().max()) > 1e-3  # midpoints to rounding: nothing to store
+    return r if moved and before > 0 and before - after >= RECON_GAIN * before else None
+
+
 def quantize(w: torch.Tensor, bits, block_size=None, importance=None, seed=0, name="tensor",
              step: Optional[float] = None, lam: Optional[float] = None, group_rows: Optional[int] = None,
-             row_importance: Optional[torch.Tensor] = None, row_tokens: Optional[float] = None, **options):
+             row_importance: Optional[torch.Tensor] = None, row_tokens: Optional[float] = None,
+             hessian: Optional[torch.Tensor] = None, damp: float = 0.01, hessian_tokens: Optional[int] = None,
+             recon: bool = True, **options):
     if options:
         raise ValueError(f"{name}: ecsq takes no options {sorted(options)}")
     if row_importance is not None:
@@ -240,10 +352,13 @@ def quantize(w: torch.Tensor, bits, block_size=None, importance=None, seed=0, na
             raise ValueError(f"{name}: row_importance must be finite and non-negative")
     if step is not None and lam is not None:
         raise ValueError(f"{name}: give at most one of step= and lam=")
-    if step is None and lam is None and not (0 < float(bits) <= 8):
-        raise ValueError(f"{name}: ecsq bits (a target coded rate) must be in (0, 8], got {bits}")
+    if step is None and lam is None and not (0 < float(bits) <= MAX_BITS):
+        raise ValueError(f"{name}: ecsq bits (a target coded rate) must be in (0, {MAX_BITS:g}], got {bits}")
     rows, cols = w.shape
+    recon = bool(recon) and hessian is None and (step is not None or lam is not None or float(bits) <= RECON_RATE)
     p = Problem(w, block_size, seed, importance, group_rows, row_importance, row_tokens)
+    if hessian is not None:
+        p.u = rotation.feedback_factor(hessian, p.block, p.padded, seed, name, damp, hessian_tokens)
     numel = rows * cols
     block = p.block
     meta = {"rotation_block": block, "padded_cols": p.padded, "group_rows": 1 if p.m is not None else group_rows}
@@ -259,8 +374,10 @@ def quantize(w: torch.Tensor, bits, block_size=None, importance=None, seed=0, na
         meta["lam"] = float(lam)
     else:
         target = float(bits) * numel
+        if recon:  # room for the reconstruction points, should they be kept
+            target -= 32 * RECON_MAX
         if len(p.groups) == 1:
-            s = _solve(lambda s: p.total_bits([s], numel) - target, p.lo, p.hi, tol=1e-4 * target)
+            s = _solve_single(p, numel, target)
             steps = [s]
         else:  # equal slope across groups, slope searched to meet the rate
             def steps_for(lam_):
@@ -277,19 +394,35 @@ def quantize(w: torch.Tensor, bits, block_size=None, importance=None, seed=0, na
         steps = _meet_exactly(p, steps, target)
 
     q = p.codes(steps)
-    offset = int(q.min())
-    if int(q.max()) - offset > 255:  # the step floor p.lo makes this impossible; never wrap silently
-        raise AssertionError(f"{name}: ecsq codes span {int(q.max()) - offset + 1} values")
-    codes = (q - offset).to(torch.uint8)
+    offset, k, codes, lo = split_codes(q)
     meta["offset"] = offset
     code_bits = max(1, math.ceil(math.log2(int(codes.max()) + 1))) if codes.numel() else 1
     side = {"steps": p.stored(steps)}
+    if hessian is not None:
+        meta["feedback"] = "gptq"
+    if k:
+        meta["low_bits"] = k
+        side["low"] = ops.pack_bits(lo.reshape(-1), k)
+    elif recon:
+        r = fit_recon(p, q, steps)
+        if r is not None:
+            meta["recon"] = r.numel()
+            side["recon"] = r
     return QuantizedTensor("ecsq", float(bits), (rows, cols), w.dtype, block, seed, codes, code_bits, side, meta)
 
 
 def dequantize(qt: QuantizedTensor) -> torch.Tensor:
     rows, cols = qt.shape
-    q = qt.codes.float() + qt.meta["offset"]
+    k = int(qt.meta.get("low_bits", 0))
+    q = qt.codes
+    if k:
+        lo = ops.unpack_bits(qt.side["low"], k, q.numel()).view(q.shape)
+        q = (q.to(torch.int32) << k) | lo.to(torch.int32)
+    if qt.meta.get("recon"):  # fitted reconstruction points: one value per code
+        from ..standalone.load_quantized import recon_table
+        q = recon_table(int(qt.meta["offset"]), qt.side["recon"])[q.long()]
+    else:
+        q = q.float() + qt.meta["offset"]
     steps = qt.side["steps"]
     g = rows if not qt.meta["group_rows"] else int(qt.meta["group_rows"])
     per_row = steps.repeat_interleave(g)[:rows].unsqueeze(1)

@@ -7,7 +7,8 @@ Dequantize: centroid * scale, inverse rotation, with one fp16 scale per block. P
 stores scale = ||x|| / sqrt(block) (``scale="norm"``); the default ``scale="fit"`` stores
 the least-squares scale <x, c> / <c, c> of the chosen centroids c instead: the same codes,
 never a larger error, and dequantized weights are a fixed point (quantizing them again
-gives them back). Side data: the scales plus the codebook (2^bits float32). in_features
+gives them back). With ``hessian=`` the codes are chosen again on those scales with error
+feedback in the rotated domain (eoq.methods.regrid). Side data: the scales plus the codebook (2^bits float32). in_features
 that 128 does not divide use the rule of eoq.methods.rotation.
 """
 
@@ -42,7 +43,8 @@ def fit_scales(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 
 
 def quantize(w: torch.Tensor, bits, block_size=None, importance=None, seed=0, name="tensor",
-             random_signs: bool = True, scale: str = "fit", **options):
+             random_signs: bool = True, scale: str = "fit", hessian=None, damp: float = 0.01, hessian_tokens=None,
+             **options):
     if options:
         raise ValueError(f"{name}: polar takes no options {sorted(options)}")
     bits = check_bits(bits, name)
@@ -60,6 +62,12 @@ def quantize(w: torch.Tensor, bits, block_size=None, importance=None, seed=0, na
     else:
         scales = (n.squeeze(-1) / math.sqrt(block)).to(torch.float16)
     meta = {"rotation_block": block, "padded_cols": padded, "random_signs": bool(random_signs), "scale": scale}
+    if hessian is not None:  # the same scales and codebook, codes chosen with error feedback
+        from .regrid import requantize
+
+        u = rotation.feedback_factor(hessian, block, padded, signs_seed, name, damp, hessian_tokens)
+        codes = requantize(x.reshape(rows, padded), u, scales, block, levels=cb.centroids.float()).to(torch.uint8)
+        meta["feedback"] = "gptq"
     return QuantizedTensor("polar", bits, (rows, cols), w.dtype, block, seed, codes.reshape(rows, padded), bits,
                            {"scales": scales, "codebook": cb.centroids.float()}, meta)
 

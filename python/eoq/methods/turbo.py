@@ -11,7 +11,8 @@ least-squares scale of the chosen centroids, ``scale="norm"`` the norm itself (a
 paper); see eoq.methods.polar.
 
 Options: ``group="block"`` (default; one norm per block of ``block_size``, default 128) or
-``group="row"`` (one norm per row, d = the padded row width).
+``group="row"`` (one norm per row, d = the padded row width). ``hessian=``: codes chosen again
+on the same scales with error feedback in the rotated domain (eoq.methods.regrid).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ DEFAULT_BLOCK = 128
 
 
 def quantize(w: torch.Tensor, bits, block_size=None, importance=None, seed=0, name="tensor",
-             group: str = "block", grid: int = 8193, iters: int = 96, scale: str = "fit", **options):
+             group: str = "block", grid: int = 8193, iters: int = 96, scale: str = "fit", hessian=None,
+             damp: float = 0.01, hessian_tokens=None, **options):
     if options:
         raise ValueError(f"{name}: turbo takes no options {sorted(options)}")
     if group not in ("block", "row"):
@@ -48,6 +50,12 @@ def quantize(w: torch.Tensor, bits, block_size=None, importance=None, seed=0, na
         n.squeeze(-1).to(torch.float16)
     meta = {"rotation_block": block, "padded_cols": padded, "group": group, "dim": dim, "grid": grid,
             "iters": iters, "scale": scale}
+    if hessian is not None:  # the same scales and codebook, codes chosen with error feedback
+        from .regrid import requantize
+
+        u = rotation.feedback_factor(hessian, block, padded, seed, name, damp, hessian_tokens)
+        codes = requantize(x.reshape(rows, padded), u, scales, dim, levels=cb.centroids.float()).to(torch.uint8)
+        meta["feedback"] = "gptq"
     return QuantizedTensor("turbo", bits, (rows, cols), w.dtype, block, seed, codes.reshape(rows, padded), bits,
                            {"scales": scales, "codebook": cb.centroids.float()}, meta)
 

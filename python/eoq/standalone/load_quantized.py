@@ -53,9 +53,13 @@ KINDS = ("quantized", "protected", "passthrough", "tied")
 METHODS = ("absmax", "polar", "turbo", "ecsq")
 SIDE_PARTS = {"absmax": ("scales",), "polar": ("scales", "codebook"), "turbo": ("scales", "codebook"),
               "ecsq": ("steps",)}
-OPTIONAL_PARTS = ("awq_scales",)
+# ecsq's optional parts: low (raw low bits, exactly when meta.low_bits > 0) and recon (fitted
+# reconstruction points, exactly when meta.recon > 0)
+OPTIONAL_PARTS = ("awq_scales", "low", "recon")
 PART_DTYPES = {"codes": "uint8", "scales": "float16", "steps": "float32", "codebook": "float32",
-               "awq_scales": "float16"}
+               "awq_scales": "float16", "low": "uint8", "recon": "float32"}
+MAX_RECON = 8
+MAX_LOW_BITS = 8  # ecsq levels (hi << low_bits | lo) span less than 2^16
 # torch dtype names a stored tensor may have, and their safetensors names
 DTYPES = ("float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "int64", "int32", "int16",
           "int8", "uint8", "bool")
@@ -671,6 +675,9 @@ def _validate_quantized(where: str, entry: dict, shape: list) -> None:
     if codec == "packed" and parts["codes"] != [-(-n_codes * code_bits // 8)]:
         _fail(where, f"packed codes of {n_codes} codes at {code_bits} bits take {-(-n_codes * code_bits // 8)} "
                      f"bytes, parts.codes says {parts['codes']}")
+    for part in ("low", "recon"):
+        if part in parts and method != "ecsq":
+            _fail(where, f"parts.{part} belongs to ecsq entries only, not {method}")
     if "awq_scales" in parts and parts["awq_scales"] != [cols]:
         _fail(where, f"awq_scales must have one value per input feature ({cols}), parts say {parts['awq_scales']}")
     if method == "absmax":
@@ -687,7 +694,19 @@ def _validate_quantized(where: str, entry: dict, shape: list) -> None:
     _expect(where, "code_shape", code_shape, [rows, padded])
     if method == "ecsq":
         _expect(where, "block_size", entry.get("block_size"), block)
-        _want_int(where, "meta.offset", meta.get("offset"), -(1 << 31), (1 << 31) - 256)
+        k = _want_int(where, "meta.low_bits", meta.get("low_bits", 0), 0, MAX_LOW_BITS)
+        _want_int(where, "meta.offset", meta.get("offset"), -(1 << 31), (1 << 31) - (256 << k))
+        if k:
+            _expect(where, "parts.low", parts.get("low"), [-(-rows * padded * k // 8)])
+        elif "low" in parts:
+            _fail(where, "parts.low is stored but meta.low_bits is 0")
+        m = _want_int(where, "meta.recon", meta.get("recon", 0), 0, MAX_RECON)
+        if m and k:
+            _fail(where, "meta.recon (fitted reconstruction) and meta.low_bits exclude each other")
+        if m:
+            _expect(where, "parts.recon", parts.get("recon"), [m])
+        elif "recon" in parts:
+            _fail(where, "parts.recon is stored but meta.recon is 0")
         g = meta.get("group_rows")
         if g is not None:
             _want_int(where, "meta.group_rows", g, 1, rows)
@@ -717,7 +736,7 @@ def _validate_parts(where: str, entry: dict, method: str) -> dict:
     missing = [p for p in ("codes",) + SIDE_PARTS[method] if p not in parts]
     unknown = [p for p in parts if p not in allowed]
     if missing or unknown:
-        _fail(where, f"parts must be {', '.join(allowed[:-1])} (and optionally awq_scales); "
+        _fail(where, f"parts must be {', '.join(allowed[:-3])} (and optionally awq_scales, low, recon); "
                      + (f"missing {missing}" if missing else f"unknown {unknown}"))
     out = {}
     for part, spec in parts.items():
@@ -818,7 +837,9 @@ def check_side(name: str, entry: dict, tensors: dict) -> None:
     if entry["method"] == "absmax":  # at most 128 * 65504
         return
     if entry["method"] == "ecsq":
-        code = max(abs(meta["offset"]), abs(meta["offset"] + 255))
+        code = max(abs(meta["offset"]), abs(meta["offset"] + (256 << meta.get("low_bits", 0)) - 1))
+        if "recon" in tensors:
+            code = max(code, float(tensors["recon"].abs().max()))
         scale = float(tensors["steps"].abs().max())
     else:
         code = float(tensors["codebook"].abs().max())
@@ -920,10 +941,32 @@ def _turbo(entry, codes, p) -> torch.Tensor:
 def _ecsq(entry, codes, p) -> torch.Tensor:
     rows, cols = entry["qshape"]
     meta = entry["meta"]
-    q = codes.float() + int(meta["offset"])
+    k = int(meta.get("low_bits", 0))
+    if k:  # levels are hi << k | lo, the k low bits stored raw (docs/FORMAT.md)
+        try:
+            lo = unpack_bits(_tensor_bytes(p["low"]), k, codes.numel())
+        except CorruptStreamError as e:
+            raise FormatError(f"low: {e}") from e
+        codes = (codes.to(torch.int32) << k) | torch.from_numpy(np.ascontiguousarray(lo)).view(codes.shape).to(torch.int32)
+    if meta.get("recon"):  # fitted reconstruction points (docs/FORMAT.md): a value per code
+        q = recon_table(int(meta["offset"]), p["recon"])[codes.long()]
+    else:
+        q = codes.float() + int(meta["offset"])
     g = rows if not meta.get("group_rows") else int(meta["group_rows"])
     per_row = p["steps"].repeat_interleave(g)[:rows].unsqueeze(1)
     return inverse_hadamard(q * per_row, int(meta["rotation_block"]), int(entry["seed"]))[:, :cols].contiguous()
+
+
+def recon_table(offset: int, recon: torch.Tensor) -> torch.Tensor:
+    """The value of each of the 256 codes: float(code) + offset, except the levels v = code +
+    offset with 1 <= |v| <= len(recon), which are sign(v) * recon[|v| - 1]."""
+    v = torch.arange(256, dtype=torch.int64) + offset
+    table = torch.arange(256, dtype=torch.float32) + offset
+    m = v.abs()
+    fit = (m >= 1) & (m <= recon.numel())
+    r = recon.float()[(m[fit] - 1)]
+    table[fit] = torch.where(v[fit] < 0, -r, r)
+    return table
 
 
 _DEQUANTIZE = {"absmax": _absmax, "polar": _polar, "turbo": _turbo, "ecsq": _ecsq}
