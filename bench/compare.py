@@ -165,6 +165,8 @@ class Runner:
 
         feedback = "gptq" if any(VARIANTS[v][1] for v in self.a.eoq_variants) else None
         folder = self.work / (f"eoq-calibration-{source}" + ("-cov" if feedback else ""))
+        if not feedback and (self.work / f"eoq-calibration-{source}-cov" / "sensitivity.safetensors").is_file():
+            folder = self.work / f"eoq-calibration-{source}-cov"  # the same statistics, and the covariance
         if not (folder / "sensitivity.safetensors").is_file():
             cfg = eoq.QuantConfig(calibration=self.a.calib if source == "calib" else "self",
                                   calib_sequences=self.a.calib_sequences, calib_seq_len=self.a.n_ctx,
@@ -185,10 +187,16 @@ class Runner:
                             continue  # nothing to measure sensitivity on
                         if cal == "none" and variant != self.a.eoq_variants[0]:
                             continue  # data-free: no variants
-                        protect = [eoq.ProtectRule(DOWN_REGEX, regex=True)] if part == "down" else []
+                        # part (b): the down projections at exactly `bits` (a protect rule: no
+                        # whole-model budget), everything else kept in 16 bits
+                        protect = [eoq.ProtectRule(DOWN_REGEX, regex=True),
+                                   eoq.ProtectRule("down_proj", regex=True, action="quantize", method=method,
+                                                   bits=bits)] if part == "down" else []
                         calibration = {"calib": self.a.calib, "self": "self", "none": None}[cal]
                         awq, feedback, suffix = VARIANTS[variant] if calibration else (False, None, "")
-                        cfg = eoq.QuantConfig(method=method, bits=bits, calibration=calibration,
+                        cfg = eoq.QuantConfig(method=method, bits=bits if part == "whole" else 4.0,
+                                              target_size=None if part == "whole" or method != "ecsq" else 1 << 40,
+                                              calibration=calibration,
                                               awq=awq, feedback=feedback, protect=protect, allocation=alloc,
                                               calib_sequences=self.a.calib_sequences, calib_seq_len=self.a.n_ctx,
                                               dtype="bfloat16")  # 16-bit passthrough, as the F16 GGUF base
@@ -206,7 +214,7 @@ class Runner:
                         if part == "whole":
                             bpw = 8 * m["totals"]["stored_bytes"] / self.n_params
                         else:
-                            down = [e for n, e in m["tensors"].items() if "down_proj" in n and e["kind"] == "quantized"]
+                            down = [e for n, e in m["tensors"].items() if "down_proj" in n and "method" in e]
                             bpw = 8 * sum(e["stored_bytes"] for e in down) / sum(e["shape"][0] * e["shape"][1]
                                                                                  for e in down)
                         model, _ = eoq.load_quantized(out, dtype=torch.float32)

@@ -87,11 +87,26 @@ static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the low-bit reader ass
 // in it) starts on a whole byte.
 inline const uint8_t* low_row(const EcsqParams& p, int64_t r) { return p.low + r * p.padded / 8 * p.low_bits; }
 
+// The k bytes at p as a little-endian word (k = 1..8), with constant-size loads.
+inline uint64_t load_le(const uint8_t* p, int k) {
+  uint64_t u = 0;
+  switch (k) {
+    case 1: std::memcpy(&u, p, 1); break;
+    case 2: std::memcpy(&u, p, 2); break;
+    case 3: std::memcpy(&u, p, 3); break;
+    case 4: std::memcpy(&u, p, 4); break;
+    case 5: std::memcpy(&u, p, 5); break;
+    case 6: std::memcpy(&u, p, 6); break;
+    case 7: std::memcpy(&u, p, 7); break;
+    default: std::memcpy(&u, p, 8); break;
+  }
+  return u;
+}
+
 // The levels of the 8 values starting at j (j % 8 == 0) of a row: (code << k) | low. Their
 // low bits fill exactly k bytes (LSB-first), read as one little-endian word.
 inline void levels8(const uint8_t* q, const uint8_t* low, int k, int64_t j, int32_t* out) {
-  uint64_t u = 0;
-  std::memcpy(&u, low + j / 8 * k, static_cast<size_t>(k));
+  const uint64_t u = load_le(low + j / 8 * k, k);
   const uint32_t mask = (1u << k) - 1;
   for (int i = 0; i < 8; ++i)
     out[i] = static_cast<int32_t>((static_cast<uint32_t>(q[j + i]) << k) | (static_cast<uint32_t>(u >> (i * k)) & mask));
@@ -205,9 +220,19 @@ EOQ_DQ_AVX2 inline __m256 dq8_at(__m256 off, __m256 step, const uint8_t* q, cons
     const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + j)));
     return fwht8(_mm256_mul_ps(_mm256_i32gather_ps(lut, c, 4), step));
   }
-  alignas(32) int32_t lv[8];
-  levels8(q, low, k, j, lv);
-  const __m256i v = _mm256_load_si256(reinterpret_cast<const __m256i*>(lv));
+  // levels8 in registers: the 8 fields of k bits lie in one little-endian word u (k whole
+  // bytes); lane i takes u >> (i * k) (two 4-lane 64-bit shifts, whose low halves are then
+  // put in lane order), masked, or-ed with the high part code << k.
+  const uint64_t u = load_le(low + j / 8 * k, k);
+  const __m256i uu = _mm256_set1_epi64x(static_cast<long long>(u));
+  const long long kk = k;
+  const __m256i a = _mm256_srlv_epi64(uu, _mm256_setr_epi64x(0, kk, 2 * kk, 3 * kk));
+  const __m256i b = _mm256_srlv_epi64(uu, _mm256_setr_epi64x(4 * kk, 5 * kk, 6 * kk, 7 * kk));
+  const __m256i ab = _mm256_blend_epi32(a, _mm256_slli_epi64(b, 32), 0xAA);  // a0 b0 a1 b1 a2 b2 a3 b3
+  const __m256i lo = _mm256_and_si256(_mm256_permutevar8x32_epi32(ab, _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7)),
+                                      _mm256_set1_epi32((1 << k) - 1));
+  const __m256i hi = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + j)));
+  const __m256i v = _mm256_or_si256(_mm256_sll_epi32(hi, _mm_cvtsi32_si128(k)), lo);
   return fwht8(_mm256_mul_ps(_mm256_add_ps(_mm256_cvtepi32_ps(v), off), step));
 }
 

@@ -4,7 +4,7 @@ Activation-aware weight quantization (Lin et al., 2023) scales input channel c o
 weight by s_c before quantizing and by 1/s_c after, so channels that see large activations
 are quantized more finely. Here s_c = E[a_c^2]^(alpha/2) (the RMS activation to the power
 alpha, from calibration statistics), normalised to geometric mean 1 and stored in fp16;
-alpha is grid-searched over 21 values in [0, 1], and against no scales at all (their 16 bits a
+alpha is grid-searched over 21 values in [0, 1] (6 with error feedback), and against no scales at all (their 16 bits a
 column spent on the codes, for a rate target; ``awq_none=False`` leaves that out), to minimise the activation-weighted output
 error sum_c E[a_c^2] ||W[:, c] - W_hat[:, c]||^2 of the method actually used (alpha = 0 is
 the method without AWQ). Inside the search the method sees importance E[a_c^2] / s_c^2: the
@@ -25,6 +25,9 @@ import torch
 from .quantized import QuantizedTensor, weighted_error
 
 ALPHAS = tuple(i / 20 for i in range(21))
+# With error feedback every candidate costs a factorization of its scaled covariance and a
+# rate search with feedback: a coarser grid (the error is flat near its minimum in alpha).
+FEEDBACK_ALPHAS = tuple(i / 5 for i in range(6))
 
 
 def awq_scales(importance: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -51,6 +54,8 @@ def awq_quantize(impl, w: torch.Tensor, bits, block_size, importance: torch.Tens
             rows_w = torch.as_tensor(rows_w).reshape(-1)[idx]
             sample_options = {**options, "row_importance": rows_w}
     hessian = options.get("hessian")
+    if hessian is not None and alphas is ALPHAS:
+        alphas = FEEDBACK_ALPHAS
 
     def error(w_hat):
         if hessian is not None:  # feedback in the loop: the error it minimises, on the full covariance

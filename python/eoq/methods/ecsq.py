@@ -106,11 +106,14 @@ def low_bits_for(span: int) -> int:
 
 def split_codes(q: torch.Tensor) -> tuple[int, int, torch.Tensor, torch.Tensor]:
     """(offset, k, hi, lo) of integer-valued codes q: q = offset + (hi << k | lo), hi and lo uint8."""
-    offset = int(q.min())
+    lo_, hi_ = (int(v) for v in torch.aminmax(q))
+    offset = lo_
+    if hi_ - lo_ < 256:  # the common case: the levels are the byte codes themselves
+        return offset, 0, (q - offset).to(torch.uint8), torch.zeros(0, dtype=torch.uint8)
+    if hi_ - lo_ >= LEVELS:  # the step floor makes this impossible; never wrap silently
+        raise AssertionError(f"ecsq codes span {hi_ - lo_ + 1} values")
     c = (q - offset).to(torch.int32)
-    k = low_bits_for(int(c.max()) + 1)
-    if int(c.max()) >= LEVELS:  # the step floor makes this impossible; never wrap silently
-        raise AssertionError(f"ecsq codes span {int(c.max()) + 1} values")
+    k = low_bits_for(hi_ - lo_ + 1)
     hi = (c >> k).to(torch.uint8)
     lo = (c & ((1 << k) - 1)).to(torch.uint8)
     return offset, k, hi, lo
@@ -313,24 +316,30 @@ def fit_recon(p: Problem, q: torch.Tensor, steps) -> Optional[torch.Tensor]:
     """Fitted reconstruction points for levels 1..RECON_MAX (module docstring), or None when
     they would remove less than RECON_GAIN of the error. Measured in the rotated domain with
     each row's error in the weight's scale (an orthonormal rotation keeps squared errors)."""
-    s = torch.cat([torch.full((sl.stop - sl.start, 1), float(st)) for sl, st in zip(p.groups, steps)]).double()
+    s = torch.cat([torch.full((sl.stop - sl.start, 1), float(st)) for sl, st in zip(p.groups, steps)])
     if p.m is not None:
-        s = s * p.m.double()
-    t = p.rotated.double() / s
-    wt = (s * s).expand_as(t)
+        s = s * p.m
     mags = q.abs()
     top = min(RECON_MAX, int(mags.max()))
     if top < 1:
         return None
-    recon = []
-    for m in range(1, top + 1):
-        cell = mags == m
-        den = float(wt[cell].sum())
-        recon.append(float((wt[cell] * t[cell] * q[cell].sign()).sum()) / den if den > 0 else float(m))
-    r = torch.tensor(recon, dtype=torch.float32)
-    fitted = torch.where((mags >= 1) & (mags <= top), q.sign() * r.double()[(mags.long() - 1).clamp(0, top - 1)], q)
-    before = float((wt * (t - q).pow(2)).sum())
-    after = float((wt * (t - fitted).pow(2)).sum())
+    # Per cell m (|q| = m, the rest pooled in cell top + 1): the sums S0 = sum w, S1 = sum w t
+    # sign(q), S2 = sum w t^2, w = step^2 (errors in the weight's scale), t = x / step. A value v
+    # for the cell costs S2 - 2 v S1 + v^2 S0, least at v = S1 / S0 (the conditional mean).
+    t = p.rotated.double() / s.double()
+    w = (s.double() ** 2).expand_as(t).reshape(-1)
+    cell = mags.clamp(max=top + 1).long().reshape(-1)
+    tf = t.reshape(-1)
+    s0 = torch.bincount(cell, weights=w, minlength=top + 2)[1:top + 1]
+    s1 = torch.bincount(cell, weights=w * tf * q.sign().double().reshape(-1), minlength=top + 2)[1:top + 1]
+    s2 = torch.bincount(cell, weights=w * tf * tf, minlength=top + 2)[1:top + 1]
+    mids = torch.arange(1, top + 1, dtype=torch.float64)
+    fit = torch.where(s0 > 0, s1 / s0.clamp_min(1e-300), mids)
+    r = fit.float()
+    rr = r.double()
+    gain = float(((s2 - 2 * mids * s1 + mids ** 2 * s0) - (s2 - 2 * rr * s1 + rr ** 2 * s0)).sum())
+    before = float((w * (tf - q.double().reshape(-1)).pow(2)).sum())
+    after = before - gain
     moved = float((r - torch.arange(1, top + 1)).abs().max()) > 1e-3  # midpoints to rounding: nothing to store
     return r if moved and before > 0 and before - after >= RECON_GAIN * before else None
 
