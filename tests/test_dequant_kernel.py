@@ -54,6 +54,20 @@ def check(qt, entry, parts, dtypes=DTYPES):
     assert same_bits(got, reference(qt, entry))
 
 
+def check_thread_counts(qt, entry, parts):
+    """The same bits with 1, 2 and 3 threads, and the reference's."""
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(fused.dequantize_fused("w", entry, parts, torch.bfloat16))
+    finally:
+        torch.set_num_threads(before)
+    assert all(same_bits(o, outs[0]) for o in outs)
+    assert same_bits(outs[0], reference(qt, entry, torch.bfloat16))
+
+
 # ---- bit for bit ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("rows,cols", [(1, 16), (7, 100), (33, 72), (65, 48), (300, 2048), (129, 1000)])
@@ -115,16 +129,7 @@ def test_matches_reference_wide_codes(bits):
 def test_wide_codes_across_chunks_and_threads():
     qt, entry, parts = make(700, 1000, bits=9)
     assert ops.rans_info(parts["codes"])["n_chunks"] == 3 and entry["meta"]["low_bits"] >= 1
-    before = torch.get_num_threads()
-    try:
-        outs = []
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            outs.append(fused.dequantize_fused("w", entry, parts, torch.bfloat16))
-    finally:
-        torch.set_num_threads(before)
-    assert all(same_bits(o, outs[0]) for o in outs)
-    assert same_bits(outs[0], reference(qt, entry, torch.bfloat16))
+    check_thread_counts(qt, entry, parts)
     qt, entry, parts = make(45, 100, codec="packed", step=1e-4)
     assert entry["codec"] == "packed" and entry["meta"].get("low_bits", 0) >= 1
     check(qt, entry, parts)
@@ -162,16 +167,7 @@ def test_packed_codec():
 
 def test_thread_count_does_not_change_the_bytes():
     qt, entry, parts = make(1200, 1000, step=0.004)  # 5 chunks
-    before = torch.get_num_threads()
-    try:
-        outs = []
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            outs.append(fused.dequantize_fused("w", entry, parts, torch.bfloat16))
-    finally:
-        torch.set_num_threads(before)
-    assert all(same_bits(o, outs[0]) for o in outs)
-    assert same_bits(outs[0], reference(qt, entry, torch.bfloat16))
+    check_thread_counts(qt, entry, parts)
 
 
 def test_extreme_values_round_like_torch():

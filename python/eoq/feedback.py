@@ -67,7 +67,6 @@ which H_pad (zero there) already tells the feedback.
 from __future__ import annotations
 
 import math
-import operator
 import warnings
 from typing import Optional
 
@@ -96,12 +95,7 @@ def _tensor(t, what: str) -> torch.Tensor:
 
 
 def _int(v, what: str, lo: int, hi: int) -> int:
-    if isinstance(v, bool):
-        raise ValueError(f"{what} must be an int, got {v!r}")
-    try:
-        v = operator.index(v)
-    except TypeError:
-        raise ValueError(f"{what} must be an int, got {v!r}") from None
+    v = ops._int(v, what)
     if not lo <= v <= hi:
         raise ValueError(f"{what} must be in [{lo}, {hi}], got {v}")
     return v

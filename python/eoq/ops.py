@@ -37,14 +37,19 @@ def _float(t, what: str) -> torch.Tensor:
     return t.detach().cpu().to(torch.float32).contiguous()
 
 
+def _int(v, what: str) -> int:
+    """An integer argument (Python or numpy int, never bool or float)."""
+    if isinstance(v, bool):
+        raise ValueError(f"{what} must be an int, got {v!r}")
+    try:
+        return operator.index(v)
+    except TypeError:
+        raise ValueError(f"{what} must be an int, got {v!r}") from None
+
+
 def _count(v, what: str) -> int:
     """A non-negative integer argument (Python or numpy int, never bool or float)."""
-    if isinstance(v, bool):
-        raise ValueError(f"{what} must be a non-negative int, got {v!r}")
-    try:
-        v = operator.index(v)
-    except TypeError:
-        raise ValueError(f"{what} must be a non-negative int, got {v!r}") from None
+    v = _int(v, what)
     if v < 0:
         raise ValueError(f"{what} must be a non-negative int, got {v}")
     return v
@@ -159,12 +164,7 @@ def ecsq_dequantize(codes: torch.Tensor, rows: int, cols: int, padded_cols: int,
     seed = _count(seed, "seed")
     if seed >= 1 << 64:
         raise ValueError(f"seed must be below 2^64, got {seed}")
-    if isinstance(offset, bool):
-        raise ValueError(f"offset must be an int, got {offset!r}")
-    try:
-        offset = operator.index(offset)
-    except TypeError:
-        raise ValueError(f"offset must be an int, got {offset!r}") from None
+    offset = _int(offset, "offset")
     low_bits = _count(low_bits, "low_bits")
     if low_bits > 8 or (low_bits > 0) != (low is not None):
         raise ValueError(f"low_bits must be in [0, 8] and low given exactly when it is > 0, got {low_bits}")
