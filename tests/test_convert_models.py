@@ -43,7 +43,11 @@ def test_smollm2_manifest(smollm2_eoq):
     assert m["source"]["name"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
     # smaller than the GGUF it came from, every file of the folder counted
     assert sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) < testmodels.smollm2_gguf().stat().st_size
-    assert all("awq_scales" in e["parts"] for e in t.values() if e["kind"] == "quantized")
+    # AWQ searched for every tensor; scales stored exactly where they beat none (awq_alpha null)
+    quantized = [e for e in t.values() if e["kind"] == "quantized"]
+    assert all("awq_alpha" in e["meta"] for e in quantized)
+    assert all(("awq_scales" in e["parts"]) == (e["meta"]["awq_alpha"] is not None) for e in quantized)
+    assert any("awq_scales" in e["parts"] for e in quantized)
     assert (out / "tokenizer.json").is_file() or (out / "tokenizer_config.json").is_file()
 
 
