@@ -653,7 +653,7 @@ def build_bases(root: pathlib.Path, eoq, torch):
              eoq.ProtectRule("mlp.gate_proj", regex=True, action="quantize", method="absmax", bits=3),
              eoq.ProtectRule("self_attn.o_proj", regex=True, action="passthrough"),
              eoq.ProtectRule("mlp.down_proj", regex=True, action="quantize", method="ecsq", bits=10)]  # low bits
-    common = dict(method="ecsq", bits=6, calibration=None, awq=False)
+    common = dict(method="ecsq", bits=8, calibration=None, awq=False)  # room for the 10-bit rule
     specs = [("llama", "src-llama", eoq.QuantConfig(protect=rules, **common)),
              ("llama-sharded", "src-llama", eoq.QuantConfig(protect=rules, codec="packed", max_shard_size=20_000,
                                                             **common)),
