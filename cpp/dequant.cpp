@@ -87,19 +87,11 @@ static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the low-bit reader ass
 // in it) starts on a whole byte.
 inline const uint8_t* low_row(const EcsqParams& p, int64_t r) { return p.low + r * p.padded / 8 * p.low_bits; }
 
-// The k bytes at p as a little-endian word (k = 1..8), with constant-size loads.
+// The k bytes at p as a little-endian word (k = 1..8). A byte loop: compilers turn it into
+// a few loads, where memcpy of a run-time size 3, 5, 6 or 7 became a call per 8 values.
 inline uint64_t load_le(const uint8_t* p, int k) {
   uint64_t u = 0;
-  switch (k) {
-    case 1: std::memcpy(&u, p, 1); break;
-    case 2: std::memcpy(&u, p, 2); break;
-    case 3: std::memcpy(&u, p, 3); break;
-    case 4: std::memcpy(&u, p, 4); break;
-    case 5: std::memcpy(&u, p, 5); break;
-    case 6: std::memcpy(&u, p, 6); break;
-    case 7: std::memcpy(&u, p, 7); break;
-    default: std::memcpy(&u, p, 8); break;
-  }
+  for (int i = 0; i < k; ++i) u |= static_cast<uint64_t>(p[i]) << (8 * i);
   return u;
 }
 

@@ -16,7 +16,7 @@ import eoq
 from eoq import allocate
 from eoq.methods import ecsq
 
-from tinymodels import save
+from tinymodels import correlated_layer, save
 
 
 def test_lower_hull_by_hand():
@@ -84,6 +84,49 @@ def test_rd_curve_matches_ecsq_at_its_rates():
     qt = ecsq.quantize(w, r, seed=5)
     err = float((ecsq.dequantize(qt) - w).double().pow(2).sum() / w.double().pow(2).sum())  # relative
     assert err == pytest.approx(d, rel=0.05)
+
+
+def test_rd_curve_with_feedback_is_the_feedback_quantizers():
+    """With the inputs' covariance the curve is error feedback's: its relative output error at
+    a rate is what ecsq with feedback reaches there (within the interpolation between points),
+    and on correlated inputs well below plain rounding's curve."""
+    from eoq import feedback
+    from eoq.quantized import weighted_error
+
+    w, h, _ = correlated_layer()
+    imp = torch.diagonal(h).float()
+    plain = allocate.rd_curve(w, imp, None, 3, 1.5, 8.0)
+    fb = allocate.rd_curve(w, imp, None, 3, 1.5, 8.0, hessian=h, hessian_tokens=4096)
+    assert fb[0][0] == 1.5 and fb[0][-1] == 8.0 and len(fb[0]) <= allocate.FEEDBACK_POINTS + 2
+    energy = weighted_error(w, torch.zeros_like(w), imp)
+    for bits in (2.5, 4.0):
+        qt = ecsq.quantize(w, bits, importance=imp, seed=3, hessian=h, hessian_tokens=4096)
+        real = feedback.output_error(w, ecsq.dequantize(qt), h) / energy
+        assert allocate.hull_value(*fb, bits) == pytest.approx(real, rel=0.2)
+        assert allocate.hull_value(*fb, bits) < 0.6 * allocate.hull_value(*plain, bits)
+
+
+def test_allocation_sees_feedbacks_gain():
+    """Feedback removes much of the error of a layer with correlated inputs and none of one
+    with white inputs; an allocation by feedback's curves moves bits from the first to the
+    second, which one by plain rounding's curves cannot know."""
+    wa, ha, _ = correlated_layer(seed=1)
+    wb = torch.randn(wa.shape, generator=torch.Generator().manual_seed(2)) * 0.02
+    hb = torch.eye(wa.shape[1], dtype=torch.float64) * float(torch.diagonal(ha).mean())
+    n = wa.numel()
+
+    def rates(with_feedback):
+        curves = {}
+        for name, w, h in (("a", wa, ha), ("b", wb, hb)):
+            extra = {"hessian": h, "hessian_tokens": 4096} if with_feedback else {}
+            r, d = allocate.rd_curve(w, torch.diagonal(h).float(), None, 0, 1.5, 8.0, **extra)
+            curves[name] = (n, r, d)
+        return allocate.solve(curves, 2 * n * 3.0)
+
+    plain, fb = rates(False), rates(True)
+    assert abs(plain["a"] - plain["b"]) < 0.2
+    assert fb["a"] < plain["a"] - 0.25 and fb["b"] > plain["b"] + 0.25
+    assert fb["a"] + fb["b"] == pytest.approx(6.0)
 
 
 def _manifest(out):

@@ -3,6 +3,7 @@ collects (shared between Linears that read one input), every method with ``hessi
 with feedback in its alpha search, QuantConfig(feedback="gptq") end to end. The kernel itself
 is tested in test_feedback.py."""
 
+import dataclasses
 import json
 
 import pytest
@@ -11,20 +12,9 @@ import torch
 import eoq
 from eoq import calibration, fused, repo
 from eoq.standalone import load_quantized as standalone
-from tinymodels import build, save
+from tinymodels import build, correlated_layer, save
 
 METHODS = {"ecsq": 3.0, "absmax": 3, "polar": 3, "turbo": 3}
-
-
-def correlated_layer(rows=192, cols=256, tokens=4096, seed=0):
-    """(w, H, activations): inputs with a strongly correlated covariance (a = L z)."""
-    g = torch.Generator().manual_seed(seed)
-    mix = torch.randn(cols, cols, generator=g) / cols ** 0.5 + torch.eye(cols)
-    a = torch.randn(tokens, cols, generator=g) @ mix.t()
-    a[:, :8] *= 6.0  # a few loud channels, as in LLMs
-    w = torch.randn(rows, cols, generator=g) * 0.02
-    h = (a.double().t() @ a.double()) / tokens
-    return w, h, a
 
 
 def output_error(w, w_hat, h):
@@ -200,6 +190,15 @@ def test_quantize_model_with_feedback(tmp_path):
     m = eoq.quantize_model(src, tmp_path / "out", cfg, stats=stats, progress=False, verbose=False)
     quantized = [e for e in m["tensors"].values() if e.get("method") == "ecsq"]
     assert quantized and all(e["meta"].get("feedback") == "gptq" for e in quantized)
+    # the allocation measured error feedback's curves, and they moved its rates
+    assert m["allocation"]["feedback_curves"] == len(quantized)
+    no_fb = eoq.quantize_model(src, tmp_path / "nofb", dataclasses.replace(cfg, feedback=None), stats=stats,
+                               progress=False, verbose=False)
+    assert "feedback_curves" not in no_fb["allocation"] or no_fb["allocation"]["feedback_curves"] == 0
+    def rates(manifest):
+        return {n: e["bits"] for n, e in manifest["tensors"].items() if e.get("method") == "ecsq"}
+
+    assert rates(no_fb).keys() == rates(m).keys() and rates(no_fb) != rates(m)
     sd = eoq.read_state_dict(tmp_path / "out")
     _, state = standalone.read_folder(tmp_path / "out")
     for name, t in sd.items():

@@ -73,3 +73,14 @@ def with_outliers(stats: dict, channels: int = 4, factor: float = 1e4) -> dict:
     for s in stats.values():
         s.sum_sq[:channels] *= factor
     return stats
+
+
+def correlated_layer(rows=192, cols=256, tokens=4096, seed=0):
+    """(w, H, activations): inputs with a strongly correlated covariance (a = L z)."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(cols, cols, generator=g) / cols ** 0.5 + torch.eye(cols)
+    a = torch.randn(tokens, cols, generator=g) @ mix.t()
+    a[:, :8] *= 6.0  # a few loud channels, as in LLMs
+    w = torch.randn(rows, cols, generator=g) * 0.02
+    h = (a.double().t() @ a.double()) / tokens
+    return w, h, a

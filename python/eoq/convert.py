@@ -200,9 +200,10 @@ def cached_curve(folder: pathlib.Path, args: tuple) -> tuple[list[float], list[f
     """allocate.rd_curve(*args), kept in `folder` under a hash of every input (the weight, its
     statistics, the settings, eoq's version): a budget sweep over one model measures each
     curve once."""
-    h = hashlib.sha256(f"{_version()} {allocate.GRID} {args[2:4]} {args[4:6]} {args[7]}".encode())
-    for t in (args[0], args[1], args[6]):
-        h.update(b"-" if t is None else t.detach().float().contiguous().numpy().tobytes())
+    h = hashlib.sha256(f"{_version()} {allocate.GRID} {allocate.FEEDBACK_POINTS} {args[2:4]} {args[4:6]} {args[7]} "
+                       f"{args[9:11]}".encode())
+    for t in (args[0], args[1], args[6], args[8]):
+        h.update(b"-" if t is None else memoryview(t.detach().float().contiguous().numpy()).cast("B"))
     path = pathlib.Path(folder) / f"curve-{h.hexdigest()[:32]}.json"
     if path.is_file():
         return tuple(json.loads(path.read_text()))
@@ -250,17 +251,20 @@ def allocate_rates(source: Source, config: QuantConfig, partial: "Partial", plan
         rate = min(left / max(weights, 1), hi)
         rates = {n: rate for n in names}
     else:
-        curves = {}
+        curves, with_feedback = {}, 0
         for name in tqdm(names, desc="allocate", unit="tensor", disable=not progress):
             t = source.get(name)
             w = t.t() if plans[name]["role"] == "conv1d" else t
             rows_w, row_tokens = row_importance_for(source, sens, name)
+            fb = feedback_options(source, config, stats, name, w.shape[1])
             args = (w, importance_for(source, stats, name), plans[name]["block_size"], tensor_seed(config.seed, name),
-                    lo, hi, rows_w, row_tokens)
+                    lo, hi, rows_w, row_tokens, fb.get("hessian"), fb.get("damp", 0.0), fb.get("hessian_tokens"), name)
             rates_, dists = cached_curve(curve_cache, args) if curve_cache else allocate.rd_curve(*args)
+            with_feedback += bool(fb)
             c = sens.coefficient(name) if mode == "sensitivity" else 1.0
             curves[name] = (w.numel(), rates_, [allocate.round_sig(d * c) for d in dists])
         rates = allocate.solve(curves, left)
+        result["feedback_curves"] = with_feedback  # tensors whose curve is error feedback's
         if mode == "sensitivity":  # what the linear model predicts for this allocation
             result["predicted_kl"] = allocate.round_sig(sum(allocate.hull_value(curves[n][1], curves[n][2], r)
                                                             for n, r in rates.items()))

@@ -36,9 +36,10 @@ inverse of the covariance in the rotated domain, so the output error (W - W_hat)
 W_hat)^T drops while the format stays as it is. The codes' distribution changes (it
 widens), so every rate the step search and the exact-size loop measure is measured on the
 codes after feedback: the rate target is met honestly. The codes are clamped to the range
-plain rounding gives at that step. The allocator's rate-distortion curves
-(rate_and_spread_distortion) stay those of plain rounding: feedback lowers every tensor's
-error by a similar factor, which moves the curves but hardly the balance between them.
+plain rounding gives at that step. The allocator's rate-distortion curves measure the same
+thing (rate_and_output_error): the rate of the codes feedback chooses and the output error
+through the covariance, since feedback's gain differs from tensor to tensor (it depends on
+how correlated the inputs are).
 
 Reconstruction at low rates: the midpoint q * step is the best reconstruction of a cell only
 where the density is flat across it. At 2-3 bits the cells next to zero are wide against the
@@ -208,17 +209,36 @@ class Problem:
         return weighted_error(self.w, torch.zeros_like(self.w), self.imp, self.rows_w)
 
     def codes(self, steps):
-        plain = torch.cat([self.q(sl, s) for sl, s in zip(self.groups, steps)])
         if self.u is None:
-            return plain
+            return torch.cat([self.q(sl, s) for sl, s in zip(self.groups, steps)])
+        return self.feedback_codes(steps)[0].float()
+
+    def feedback_codes(self, steps) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes int32, reconstruction of the rotated rows) with error feedback at these steps,
+        the codes clamped to the range plain rounding gives."""
         from .. import feedback
 
+        plain = torch.cat([self.q(sl, s) for sl, s in zip(self.groups, steps)])
         scale = torch.cat([torch.full((sl.stop - sl.start, 1), float(s)) for sl, s in zip(self.groups, steps)])
         if self.m is not None:
             scale = scale * self.m
-        codes, _ = feedback.gptq(self.rotated, self.u, scale.float().contiguous(), group=self.padded,
-                                 qmin=int(plain.min()), qmax=int(plain.max()))
-        return codes.float()
+        return feedback.gptq(self.rotated, self.u, scale.float().contiguous(), group=self.padded,
+                             qmin=int(plain.min()), qmax=int(plain.max()))
+
+    def rate_and_output_error(self, step, h_rot: torch.Tensor) -> tuple[float, float]:
+        """(total_bits, distortion) of the whole tensor at one step *with error feedback*: the
+        rate of the codes feedback chooses, and the output error sum_i rho_i e_i H e_i^T of the
+        rotated rows' errors e_i (H in the rotated domain, eoq.feedback.rotate_hessian). Its
+        diagonal is E[a^2], the importance: for errors that do not correlate with the inputs
+        this equals rate_and_spread_distortion's distortion in expectation; feedback's errors do
+        correlate (they are pushed where the inputs are quiet), which only this measure sees."""
+        codes, xhat = self.feedback_codes([step] * len(self.groups))
+        bits = coded_bits(codes) + 32 * self.stored_steps
+        e = (self.rotated - xhat).double()
+        per_row = ((e @ h_rot) * e).sum(1)
+        if self.rows_w is not None:
+            per_row = per_row * self.rows_w.reshape(-1)
+        return bits, float(per_row.sum())
 
     def stored(self, steps) -> torch.Tensor:
         """The float32 steps as stored: one per group, or one per row with row multipliers."""

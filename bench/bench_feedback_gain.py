@@ -1,0 +1,134 @@
+#!/usr/bin/env python3
+"""How much error feedback removes, tensor by tensor, and what the allocator gains by knowing it.
+
+    python bench/bench_feedback_gain.py --calib CALIB.txt [--model dithered|HF_FOLDER]
+        [--calib-dir DIR] [--bits 3,4] [--budget 4] [--json PATH]
+
+On SmolLM2-135M-dithered (or any HF folder), with the inputs' covariance and the Fisher
+sensitivities from the calibration text (``eoq.calibrate_model`` with feedback="gptq"; kept in
+``--calib-dir`` and reused when it is already there):
+
+1. Per Linear weight: the rate-distortion curve of ecsq with plain rounding and with error
+   feedback (eoq.allocate.rd_curve, both measuring the output error over the weighted
+   energy), and their ratio at each of ``--bits``: feedback's gain, min / median / max per
+   kind of weight, and as bits (0.5 log2 of the ratio: at high rate D ~ 2^-2R).
+2. The allocation: equal slope at ``--budget`` bits/weight over these weights with the
+   sensitivity coefficients (the default allocation's objective), once on the plain curves
+   and once on feedback's. Both are scored on feedback's curves (what a conversion with
+   feedback then quantizes): the predicted KL sum_t c_t D_t(R_t) of each, and how far the
+   rates move.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+import time
+
+import torch
+
+KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def kind_of(name: str) -> str:
+    return next((k for k in KINDS if f".{k}." in name), "other")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="dithered")
+    ap.add_argument("--calib", help="calibration text (needed unless --calib-dir holds a calibration)")
+    ap.add_argument("--calib-dir", default="bench-feedback-calibration")
+    ap.add_argument("--calib-sequences", type=int, default=32)
+    ap.add_argument("--bits", default="3,4")
+    ap.add_argument("--budget", type=float, default=4.0)
+    ap.add_argument("--range", default="1.5,8", help="the curves' rate range, bits/weight")
+    ap.add_argument("--threads", type=int)
+    ap.add_argument("--json")
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+
+    import eoq
+    from eoq import allocate, calibration as cal, sensitivity as sens_mod, testmodels
+    from eoq.convert import tensor_seed
+
+    folder = testmodels.smollm2_dithered() if a.model == "dithered" else pathlib.Path(a.model)
+    cdir = pathlib.Path(a.calib_dir)
+    if not (cdir / "sensitivity.safetensors").is_file():
+        if not a.calib:
+            ap.error(f"{cdir} holds no calibration: give --calib")
+        cfg = eoq.QuantConfig(calibration=a.calib, calib_sequences=a.calib_sequences, feedback="gptq")
+        eoq.calibrate_model(folder, cdir, cfg, progress=False)
+    stats = cal.load_stats(cdir / "calib_stats.safetensors")
+    sens = sens_mod.Sensitivity.load(cdir / "sensitivity.safetensors")
+    from eoq.sources import open_source
+
+    source = open_source(folder)
+    lo, hi = (float(v) for v in a.range.split(","))
+    bits = [float(b) for b in a.bits.split(",")]
+    rows, curves_plain, curves_fb = [], {}, {}
+    t_plain = t_fb = 0.0
+    for name in source.names:
+        module = name.removesuffix(".weight")
+        s = stats.get(module)
+        if s is None or s.sum_outer is None or not name.endswith(".weight"):
+            continue
+        w = source.get(name).float()
+        seed = tensor_seed(eoq.QuantConfig().seed, name)
+        t0 = time.perf_counter()
+        plain = allocate.rd_curve(w, s.mean_sq, None, seed, lo, hi)
+        t1 = time.perf_counter()
+        fb = allocate.rd_curve(w, s.mean_sq, None, seed, lo, hi, hessian=s.hessian, hessian_tokens=s.count, name=name)
+        t2 = time.perf_counter()
+        t_plain, t_fb = t_plain + t1 - t0, t_fb + t2 - t1
+        c = sens.coefficient(name) or 0.0
+        curves_plain[name] = (w.numel(), plain[0], [d * c for d in plain[1]])
+        curves_fb[name] = (w.numel(), fb[0], [d * c for d in fb[1]])
+        gains = {b: allocate.hull_value(*fb, b) / allocate.hull_value(*plain, b) for b in bits}
+        rows.append({"name": name, "kind": kind_of(name), "shape": list(w.shape), "gain": gains,
+                     "plain_s": t1 - t0, "feedback_s": t2 - t1})
+
+    total = sum(n for n, _, _ in curves_fb.values())
+    r_plain = allocate.solve(curves_plain, a.budget * total)
+    r_fb = allocate.solve(curves_fb, a.budget * total)
+
+    def predicted(rates):  # scored on feedback's curves: what a conversion with feedback quantizes
+        return sum(allocate.hull_value(curves_fb[n][1], curves_fb[n][2], r) for n, r in rates.items())
+
+    moves = [abs(r_fb[n] - r_plain[n]) for n in r_fb]
+    report = {"model": str(folder), "bits": bits, "budget": a.budget, "rows": rows,
+              "curve_s": {"plain": t_plain, "feedback": t_fb},
+              "allocation": {"predicted_kl_plain_curves": predicted(r_plain), "predicted_kl_feedback_curves":
+                             predicted(r_fb), "mean_rate_move": statistics.mean(moves), "max_rate_move": max(moves),
+                             "rates_plain_curves": r_plain, "rates_feedback_curves": r_fb}}
+
+    print(f"# {len(rows)} weights of {folder.name}; curves: plain {t_plain:.0f} s, feedback {t_fb:.0f} s\n")
+    print("| weights | n | " + " | ".join(f"D_fb / D_plain at {b:g} bits: min / median / max (bits)" for b in bits)
+          + " |")
+    print("|---|---:|" + "---|" * len(bits))
+    for kind in KINDS + ("all",):
+        sel = [r for r in rows if kind in ("all", r["kind"])]
+        if not sel:
+            continue
+        cells = []
+        for b in bits:
+            g = sorted(r["gain"][b] for r in sel)
+            med = statistics.median(g)
+            cells.append(f"{g[0]:.2f} / {med:.2f} / {g[-1]:.2f} ({0.5 * torch.tensor(1 / med).log2().item():.2f})")
+        print(f"| {kind} | {len(sel)} | " + " | ".join(cells) + " |")
+    al = report["allocation"]
+    print(f"\n# allocation at {a.budget:g} bits/weight (sensitivity coefficients), scored on feedback's curves: "
+          f"predicted KL {al['predicted_kl_plain_curves']:.4g} with the plain curves' rates, "
+          f"{al['predicted_kl_feedback_curves']:.4g} with feedback's "
+          f"({al['predicted_kl_feedback_curves'] / al['predicted_kl_plain_curves']:.3f}x); "
+          f"rates move {al['mean_rate_move']:.2f} bit on average, {al['max_rate_move']:.2f} at most")
+    if a.json:
+        pathlib.Path(a.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
