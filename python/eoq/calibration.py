@@ -15,8 +15,9 @@ history, since its inputs were identical until then) and goes on alone. The floa
 provides the inputs (not the already-quantized blocks): the statistics do not depend on the
 quantization settings, so one calibration serves every conversion; GPTQ's papers find the
 difference small at 4 bits and up. Memory: 8 n^2 bytes per distinct input (SmolLM2-135M:
-~0.8 GB; an 8 B model's would be ~75 GB, which is why the real-size work collects them one
-block at a time).
+~0.8 GB; an 8 B model's would be ~75 GB, which is why the real-size work is to use each
+block's as soon as it is collected). ``collect_stats_blockwise`` runs a folder's model one
+block at a time from its files (eoq.blockwise), with the same results bit for bit.
 
 Saved as one safetensors file keyed by module name (``<name>.sum_sq``, ``<name>.sum``,
 ``<name>.count``, and ``<name>.sum_outer`` for each matrix once, the sharing in the
@@ -75,9 +76,11 @@ def _in_features(module) -> int:
 
 
 @contextlib.contextmanager
-def recording(model: torch.nn.Module, include: Optional[callable] = None, covariance: bool = False):
+def recording(model: torch.nn.Module, include: Optional[callable] = None, covariance: bool = False,
+              prefix: str = ""):
     """Forward pre-hooks on every Linear (filtered by ``include(name)``) for the duration of the
-    block; yields the dict of ActStats they fill (with ``sum_outer`` when covariance)."""
+    block; yields the dict of ActStats they fill (with ``sum_outer`` when covariance), keyed by
+    ``prefix`` + the module's name in ``model``."""
     stats: dict[str, ActStats] = {}
     hooks = []
     owner: dict[str, str] = {}      # module -> the module whose sum_outer it shares (itself if none)
@@ -151,6 +154,7 @@ def recording(model: torch.nn.Module, include: Optional[callable] = None, covari
     if covariance:
         hooks.append(model.register_forward_pre_hook(count_call))
     for name, module in model.named_modules():
+        name = prefix + name
         if _is_linear(module) and (include is None or include(name)):
             hooks.append(module.register_forward_pre_hook(hook_for(name, _in_features(module))))
     try:
@@ -178,6 +182,46 @@ def collect_stats(model: torch.nn.Module, sequences: Iterable[torch.Tensor],
     finally:
         model.train(was_training)
     return stats
+
+
+@torch.no_grad()
+def collect_stats_blockwise(source, sequences: Iterable[torch.Tensor], include: Optional[callable] = None,
+                            progress: bool = True, covariance: bool = False) -> dict[str, ActStats]:
+    """``collect_stats`` on a FolderSource's model run one block at a time from its files
+    (eoq.blockwise): the same statistics, bit for bit, holding one block instead of the model.
+    With covariance each block's matrices exist only once that block has run, but they are
+    all returned: memory for them is still the whole model's (8 n^2 bytes per input)."""
+    from tqdm.auto import tqdm
+
+    from .blockwise import BlockRunner
+
+    runner = BlockRunner(source)
+    seqs = list(sequences)
+    stats: dict[str, ActStats] = {}
+
+    def wanted(name):
+        return include is None or include(name)
+
+    @contextlib.contextmanager
+    def block_stats(name, block):
+        with recording(block, wanted, covariance, prefix=name + ".") as s:
+            yield
+        stats.update(s)
+
+    @contextlib.contextmanager
+    def rest_stats(model):
+        # The model's own passes run the modules outside the blocks: those before them in the
+        # capture pass, those after them (the head) in the tail pass; each is kept from the
+        # pass it ran in.
+        with recording(model, lambda n: not n.startswith(runner.prefix) and wanted(n), covariance) as s:
+            yield
+        for n, st in s.items():
+            if st.count and n not in stats:
+                stats[n] = st
+
+    runner.run(seqs, block_stats, rest_stats, progress=progress)
+    order = [n for n, m in runner.model.named_modules() if n in stats]
+    return {n: stats[n] for n in order}
 
 
 def self_stats(model, tokenizer, n_sequences: int, seq_len: int, seed: int = 0, progress: bool = False,

@@ -24,8 +24,12 @@ tensors, kept in allocation.json; (5) those tensors are quantized at their rates
 Memory: a folder source is read tensor by tensor (safetensors mmap) and each parameter is
 quantized and written before the next is read, so a data-free conversion holds one
 parameter (in float32) and its codes at a time, plus one output shard while assembling.
-Calibration and the sensitivity pass need the model itself in memory (plus its gradients),
-for those passes only; doing them block by block is the real-size work (issue 17).
+The activation statistics of a folder's model are collected one decoder block at a time,
+read from its files (eoq.blockwise; a model given in memory, or one without a list of
+repeated blocks, runs whole); their covariances for error feedback are still all kept until
+the conversion ends. The sensitivity pass needs the whole model in memory (plus its
+gradients), for that pass only; running it block by block, and quantizing each block as
+its statistics are done, is the rest of the real-size work (issue 17).
 """
 
 from __future__ import annotations
@@ -358,8 +362,18 @@ def calibrate(source: Source, config: QuantConfig, root: pathlib.Path, progress:
     if source.tokenizer is None:
         raise ValueError(f"{source.name}: calibration needs a tokenizer and none was found; pass tokenizer=, or "
                          f"calibration=None (data-free), or stats= and sensitivity= measured elsewhere")
+    if config.calibration != "self":
+        text = cal.load_text(config.calibration)
+        seqs = cal.token_sequences(text, source.tokenizer, config.calib_sequences, config.calib_seq_len)
+        model = None
+        if stats is None:
+            stats, model = activation_stats(source, seqs, covariance, progress)
+        shape = (len(seqs), config.calib_seq_len)
+        if want_sens:  # the Fisher pass holds the whole model (block by block: issue 17)
+            sens = sensitivity_of(source, config, model or source.load_model(), seqs, progress)
+        return _finish_calibration(source, config, stats, sens, want_sens, text, shape, path, info_path, sens_path)
     model = source.load_model()
-    if config.calibration == "self" and not model.can_generate():
+    if not model.can_generate():
         # An encoder cannot sample its own text: the conversion goes on data-free, and says so.
         import warnings
         warnings.warn(f"{source.name}: calibration 'self' samples text from the model and "
@@ -369,19 +383,37 @@ def calibrate(source: Source, config: QuantConfig, root: pathlib.Path, progress:
         info = {"source": None, "requested": "self", "reason": f"{type(model).__name__} cannot generate"}
         atomic_write(info_path, json.dumps(info, sort_keys=True))
         return stats, info, sens
-    if config.calibration == "self":
-        new_stats, text, seqs = cal.self_stats(model, source.tokenizer, config.calib_sequences,
-                                               config.calib_self_len, seed=config.seed, progress=progress,
-                                               covariance=covariance)
-        shape = (config.calib_sequences, config.calib_self_len)
-    else:
-        text = cal.load_text(config.calibration)
-        seqs = cal.token_sequences(text, source.tokenizer, config.calib_sequences, config.calib_seq_len)
-        new_stats = cal.collect_stats(model, seqs, progress=progress, covariance=covariance) if stats is None else stats
-        shape = (len(seqs), config.calib_seq_len)
+    new_stats, text, seqs = cal.self_stats(model, source.tokenizer, config.calib_sequences, config.calib_self_len,
+                                           seed=config.seed, progress=progress, covariance=covariance)
     stats = new_stats if stats is None else stats
     if want_sens:
         sens = sensitivity_of(source, config, model, seqs, progress)
+    return _finish_calibration(source, config, stats, sens, want_sens, text,
+                               (config.calib_sequences, config.calib_self_len), path, info_path, sens_path)
+
+
+def activation_stats(source: Source, seqs: list, covariance: bool, progress: bool) -> tuple[dict, Optional[torch.nn.Module]]:
+    """(statistics, the loaded model or None): a folder's model is run one block at a time
+    from its files (eoq.blockwise: the same statistics bit for bit, one block in memory);
+    a model without a list of repeated blocks, or one given in memory, runs whole."""
+    from . import calibration as cal
+    from .blockwise import NoBlocks
+    from .sources import FolderSource
+
+    if isinstance(source, FolderSource):
+        try:
+            return cal.collect_stats_blockwise(source, seqs, progress=progress, covariance=covariance), None
+        except NoBlocks:
+            pass
+    model = source.load_model()
+    return cal.collect_stats(model, seqs, progress=progress, covariance=covariance), model
+
+
+def _finish_calibration(source, config, stats, sens, want_sens, text, shape, path, info_path, sens_path):
+    """Save what calibrate measured (statistics, sensitivity, a summary) and drop the model."""
+    from . import calibration as cal
+
+    if want_sens:
         if os.environ.get(FAULT_SENSITIVITY_ENV):
             os._exit(75)
         sens.save(sens_path)

@@ -1,0 +1,198 @@
+"""Running a model one decoder block at a time, straight from its weight files.
+
+Why: calibration runs the calibration text through the model, and holding the whole model
+for it (float32: 4 bytes a parameter, ~32 GB for an 8 B model) is more than most machines
+have. Run block by block, the model costs what its largest block and the parameters outside
+the blocks take (embeddings, final norm, head), plus the hidden states of the calibration
+sequences.
+
+How (the layer-by-layer scheme of GPTQ's and AutoAWQ's calibration):
+  1. The model is built with accelerate's ``init_empty_weights``: parameters on the meta
+     device (nothing allocated), buffers real (rotary frequencies are computed at
+     construction; checkpoints do not store them). The parameters outside the blocks are
+     read from the files in float32.
+  2. The blocks are the ModuleList of same-class modules holding most of the parameters
+     (``model.layers``, GPT-2's ``h``, BERT's ``encoder.layer``).
+  3. Capture: the first block is replaced by a module that records its call (the hidden
+     states and every other argument: masks, position embeddings...) and stops the forward
+     pass. One pass per calibration sequence, batch 1 as in
+     ``calibration.collect_stats``. The hidden states are kept: sequences x tokens x hidden
+     float32 (32 x 512 x 4096 x 4 B = 256 MiB for an 8 B model).
+  4. Each block in turn: its parameters read from the files, every sequence's hidden states
+     run through it with the recorded arguments (``on_block`` wraps that run: the statistics
+     hooks), the outputs replace the inputs, its parameters dropped (back to meta).
+  5. The tail: the blocks are replaced by a replay that hands out the last block's outputs,
+     and the model's own forward pass runs the final norm and the head on them.
+
+Which inputs: every block sees the float model's activations (the float blocks before it),
+as a whole-model forward pass gives them: the same operations on the same values, so the
+statistics equal ``collect_stats`` on the loaded model bit for bit (tests/test_blockwise.py).
+Feeding the already-quantized blocks' outputs instead (GPTQ's "sequential" mode) would tie
+the statistics to one quantization setting; eoq's are reused across settings.
+
+Traps:
+  * ``use_cache=False``: a cache would keep every block's keys and values.
+  * A block returns a tensor (transformers 5) or a tuple whose first item is the hidden
+    states; the replay returns what the block returned, so the model unpacks it as usual.
+  * A tied pair (embedding and head) is read under both names: two float32 copies of the
+    vocabulary matrix, the price of not touching the model's tying logic.
+  * The attention implementation is the one ``from_pretrained`` picks (sdpa where
+    available); a module built by hand would default to another and differ in the last bits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Optional
+
+import torch
+
+BlockHook = Callable[[str, torch.nn.Module], contextlib.AbstractContextManager]
+
+
+class NoBlocks(ValueError):
+    """The model has no list of repeated blocks to run one at a time."""
+
+
+class _Stop(Exception):
+    """Raised by the capture module: the forward pass has given what it had to."""
+
+
+class _Capture(torch.nn.Module):
+    def __init__(self, calls: list):
+        super().__init__()
+        self.calls = calls
+
+    def forward(self, *args, **kwargs):
+        self.calls.append((args, kwargs))
+        raise _Stop
+
+
+class _Replay(torch.nn.Module):
+    """Block 0 hands out the stored output of the current sequence; the others pass it on."""
+
+    def __init__(self, outputs: Optional[list], wrap: bool, current: list):
+        super().__init__()
+        self.outputs, self.wrap, self.current = outputs, wrap, current
+
+    def forward(self, hidden, *args, **kwargs):
+        h = hidden if self.outputs is None else self.outputs[self.current[0]]
+        return (h,) if self.wrap else h
+
+
+def find_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
+    """(qualified name, ModuleList) of the model's repeated blocks: the ModuleList of modules
+    of one class that holds the most parameters. ValueError when there is none."""
+    best, best_size = None, 0
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(m) for m in module}) != 1:
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        if size > best_size:
+            best, best_size = (name, module), size
+    if best is None:
+        raise NoBlocks(f"{type(model).__name__}: no list of repeated blocks found; block-by-block calibration "
+                         f"needs one (model.layers, h, encoder.layer...)")
+    return best
+
+
+class BlockRunner:
+    """A model built empty, whose blocks are read from a FolderSource one at a time."""
+
+    def __init__(self, source, dtype: torch.dtype = torch.float32):
+        from accelerate import init_empty_weights
+
+        from .sources import model_class
+
+        self.source, self.dtype = source, dtype
+        config = source.config
+        with init_empty_weights(include_buffers=False):
+            model = model_class(config)(config)
+        # from_pretrained's attention implementation, not the constructor's default
+        model.set_attn_implementation(getattr(source, "attn_implementation", None) or _default_attention(model))
+        self.model = model.eval()
+        self.blocks_name, self.blocks = find_blocks(model)
+        self.prefix = self.blocks_name + "."
+        self._load(model, "", skip=self.prefix)
+
+    def _load(self, module: torch.nn.Module, prefix: str, skip: Optional[str] = None) -> None:
+        """Read every parameter (and stored buffer) of `module` from the files, in self.dtype."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        names = set(self.source.names)
+        tensors = [n for n, _ in module.named_parameters(remove_duplicate=False)]
+        tensors += [n for n, _ in module.named_buffers(remove_duplicate=False) if prefix + n in names]
+        for n in tensors:
+            full = prefix + n
+            if skip and full.startswith(skip):
+                continue
+            if full not in names:
+                raise ValueError(f"{self.source.name}: the model has parameter {full!r} and the weight files do not")
+            t = self.source.get(full)
+            set_module_tensor_to_device(module, n, "cpu", value=t.to(self.dtype) if t.is_floating_point() else t)
+
+    def block_name(self, i: int) -> str:
+        return f"{self.prefix}{i}"
+
+    @torch.no_grad()
+    def run(self, sequences: list[torch.Tensor], on_block: Optional[BlockHook] = None,
+            on_rest: Optional[Callable[[torch.nn.Module], contextlib.AbstractContextManager]] = None,
+            progress: bool = False) -> None:
+        """Every sequence (1-D LongTensor) through the model, block by block. ``on_block(name,
+        block)`` is entered around each block's run (name: the block's qualified name);
+        ``on_rest(model)`` around the two passes of the whole model (capture and tail), where
+        only the modules outside the blocks run."""
+        from tqdm.auto import tqdm
+
+        model, blocks = self.model, self.blocks
+        rest = on_rest(model) if on_rest else contextlib.nullcontext()
+        calls: list = []
+        first = blocks[0]
+        blocks[0] = _Capture(calls)
+        try:
+            with rest:
+                for ids in sequences:
+                    try:
+                        model(input_ids=ids.reshape(1, -1), use_cache=False)
+                    except _Stop:
+                        pass
+                    else:
+                        raise RuntimeError(f"{type(model).__name__}: the forward pass never reached "
+                                           f"{self.blocks_name}[0]")
+        finally:
+            blocks[0] = first
+        hidden = [args[0] for args, _ in calls]
+        wrap = False
+        for i in tqdm(range(len(blocks)), desc="calibration blocks", unit="block", disable=not progress):
+            block = blocks[i]
+            self._load(block, self.block_name(i) + ".")
+            try:
+                with on_block(self.block_name(i), block) if on_block else contextlib.nullcontext():
+                    for k, (args, kwargs) in enumerate(calls):
+                        out = block(hidden[k], *args[1:], **kwargs)
+                        wrap = isinstance(out, tuple)
+                        hidden[k] = out[0] if wrap else out
+            finally:
+                block.to("meta")
+        current = [0]
+        saved = list(blocks)
+        for i in range(len(blocks)):
+            blocks[i] = _Replay(hidden if i == 0 else None, wrap, current)
+        try:
+            with on_rest(model) if on_rest else contextlib.nullcontext():
+                for k, ids in enumerate(sequences):
+                    current[0] = k
+                    model(input_ids=ids.reshape(1, -1), use_cache=False)
+        finally:
+            for i, b in enumerate(saved):
+                blocks[i] = b
+
+
+def _default_attention(model) -> str:
+    """What from_pretrained would pick: sdpa when the model supports it, else eager."""
+    return "sdpa" if getattr(model, "_supports_sdpa", False) else "eager"
+
+
+__all__ = ["BlockRunner", "NoBlocks", "find_blocks"]

@@ -1,0 +1,62 @@
+"""eoq.blockwise: a model run one block at a time from its files gives the statistics of the
+whole model's forward pass bit for bit, with one block in memory at a time."""
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from eoq import blockwise, calibration, sources
+from tinymodels import save
+
+
+def _seqs(vocab=290, n=3, length=40):
+    return [torch.randint(3, vocab, (length,), generator=torch.Generator().manual_seed(i)) for i in range(n)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_statistics_equal_the_whole_models(tmp_path, arch):
+    src = sources.open_source(save(arch, tmp_path / "m"))
+    seqs = _seqs()
+    whole = calibration.collect_stats(src.load_model(), seqs, progress=False, covariance=True)
+    blocks = calibration.collect_stats_blockwise(src, seqs, progress=False, covariance=True)
+    assert list(blocks) == list(whole)  # every Linear, the head included, in the model's order
+    for name, s in whole.items():
+        b = blocks[name]
+        assert b.count == s.count == 3 * 40, name
+        for field in ("sum_sq", "sum", "sum_outer"):
+            assert torch.equal(getattr(b, field), getattr(s, field)), (name, field)
+    if arch == "llama":  # one matrix per distinct input, as in the whole-model pass
+        q, k, v = (blocks[f"model.layers.1.self_attn.{p}_proj"] for p in "qkv")
+        assert q.sum_outer is k.sum_outer is v.sum_outer
+
+
+def test_one_block_in_memory_at_a_time(tmp_path):
+    src = sources.open_source(save("llama", tmp_path / "m"))
+    runner = blockwise.BlockRunner(src)
+    assert runner.blocks_name == "model.layers"
+    seen = []
+
+    def on_block(name, block):
+        live = [i for i, b in enumerate(runner.blocks) if any(p.device.type != "meta" for p in b.parameters())]
+        seen.append((name, live))
+        return torch.no_grad()
+
+    runner.run(_seqs(n=2), on_block=on_block)
+    assert seen == [("model.layers.0", [0]), ("model.layers.1", [1])]
+    assert all(p.device.type == "meta" for p in runner.blocks.parameters())  # dropped after its run
+
+
+def test_a_model_without_blocks_is_refused_by_name():
+    with pytest.raises(blockwise.NoBlocks, match="Sequential"):
+        blockwise.find_blocks(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)))
+
+
+def test_a_block_missing_from_the_files_is_named(tmp_path):
+    folder = save("llama", tmp_path / "m")
+    weights = load_file(str(folder / "model.safetensors"))
+    key = "model.layers.1.mlp.up_proj.weight"
+    del weights[key]
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    src = sources.open_source(folder)
+    with pytest.raises(ValueError, match="model.layers.1.mlp.up_proj.weight"):
+        calibration.collect_stats_blockwise(src, _seqs(n=1), progress=False)
