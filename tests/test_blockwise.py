@@ -60,3 +60,34 @@ def test_a_block_missing_from_the_files_is_named(tmp_path):
     src = sources.open_source(folder)
     with pytest.raises(ValueError, match="model.layers.1.mlp.up_proj.weight"):
         calibration.collect_stats_blockwise(src, _seqs(n=1), progress=False)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])  # tied, untied, tied with positions
+def test_fisher_pass_equals_the_whole_models(tmp_path, arch):
+    from eoq import sensitivity
+
+    src = sources.open_source(save(arch, tmp_path / "m"))
+    seqs = _seqs()
+    whole = sensitivity.fisher_pass(src.load_model(), seqs, row_params=src.vocab, seed=3)
+    runner = blockwise.BlockRunner(src)
+    loaded = []
+    load = runner.load_block
+
+    def spy(i):
+        live = [j for j, b in enumerate(runner.blocks) if any(p.device.type != "meta" for p in b.parameters())]
+        loaded.append((i, live))
+        return load(i)
+
+    runner.load_block = spy
+    blocks = sensitivity.fisher_pass_blockwise(runner, seqs, row_params=src.vocab, seed=3)
+    assert [i for i, _ in loaded] == [0, 1, 1, 0] and all(live == [] for _, live in loaded)  # forward, backward
+    assert blocks.tokens == whole.tokens
+    assert blocks.fisher.keys() == whole.fisher.keys() and blocks.rows.keys() == whole.rows.keys()
+    for n in whole.fisher:  # the same sums up to the order of float additions (rounded to 9 digits)
+        assert blocks.fisher[n] == pytest.approx(whole.fisher[n], rel=1e-7), n
+        assert blocks.fisher_w2[n] == pytest.approx(whole.fisher_w2[n], rel=1e-7), n
+        assert blocks.mean_w2[n] == whole.mean_w2[n], n
+    for n in whole.rows:
+        torch.testing.assert_close(blocks.rows[n], whole.rows[n], rtol=1e-7, atol=0)
+    if arch != "qwen2":  # a tied matrix: its two roles' gradients added before squaring
+        assert len(runner.tied) == 1

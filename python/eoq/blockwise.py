@@ -115,6 +115,19 @@ class BlockRunner:
         self.model = model.eval()
         self.blocks_name, self.blocks = find_blocks(model)
         self.prefix = self.blocks_name + "."
+        self._wrap = False  # whether a block returns a tuple (known once one has run)
+        # parameters that are one in the model (a tied embedding and head), by first name:
+        # they are read as separate copies, and the Fisher pass adds their gradients up again
+        # (an empty model is not tied yet: the source's tie map says which are)
+        order = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+        group = {n: n for n in order}
+        for name, target in getattr(source, "tied", {}).items():
+            if name in group and target in group:
+                group[name] = group[target]
+        shared: dict[str, list[str]] = {}
+        for n in order:
+            shared.setdefault(group[n], []).append(n)
+        self.tied = {names[0]: names for names in shared.values() if len(names) > 1}
         self._load(model, "", skip=self.prefix)
 
     def _load(self, module: torch.nn.Module, prefix: str, skip: Optional[str] = None) -> None:
@@ -136,6 +149,57 @@ class BlockRunner:
     def block_name(self, i: int) -> str:
         return f"{self.prefix}{i}"
 
+    def capture(self, sequences: list[torch.Tensor]) -> list[tuple[tuple, dict]]:
+        """The first block's call (args, kwargs) for each sequence, the model's own forward pass
+        stopped there. Under grad mode the hidden states keep their graph back to the
+        embeddings."""
+        model, blocks = self.model, self.blocks
+        calls: list = []
+        first = blocks[0]
+        blocks[0] = _Capture(calls)
+        try:
+            for ids in sequences:
+                try:
+                    model(input_ids=ids.reshape(1, -1), use_cache=False)
+                except _Stop:
+                    pass
+                else:
+                    raise RuntimeError(f"{type(model).__name__}: the forward pass never reached "
+                                       f"{self.blocks_name}[0]")
+        finally:
+            blocks[0] = first
+        return calls
+
+    def load_block(self, i: int) -> torch.nn.Module:
+        block = self.blocks[i]
+        self._load(block, self.block_name(i) + ".")
+        return block
+
+    def drop_block(self, i: int) -> None:
+        self.blocks[i].to("meta")
+
+    def block_forward(self, block, hidden: torch.Tensor, call: tuple[tuple, dict]) -> torch.Tensor:
+        """One block on one sequence's hidden states, with that sequence's recorded arguments."""
+        args, kwargs = call
+        out = block(hidden, *args[1:], **kwargs)
+        self._wrap = isinstance(out, tuple)
+        return out[0] if self._wrap else out
+
+    @contextlib.contextmanager
+    def tail(self, outputs: list[torch.Tensor]):
+        """While inside, the blocks are a replay: the model's forward pass on sequence k (call
+        ``model(input_ids=...)`` with ``current[0] = k``) runs what comes after the blocks on
+        outputs[k]. Yields ``current``."""
+        blocks, current = self.blocks, [0]
+        saved = list(blocks)
+        for i in range(len(blocks)):
+            blocks[i] = _Replay(outputs if i == 0 else None, self._wrap, current)
+        try:
+            yield current
+        finally:
+            for i, b in enumerate(saved):
+                blocks[i] = b
+
     @torch.no_grad()
     def run(self, sequences: list[torch.Tensor], on_block: Optional[BlockHook] = None,
             on_rest: Optional[Callable[[torch.nn.Module], contextlib.AbstractContextManager]] = None,
@@ -146,48 +210,21 @@ class BlockRunner:
         only the modules outside the blocks run."""
         from tqdm.auto import tqdm
 
-        model, blocks = self.model, self.blocks
-        rest = on_rest(model) if on_rest else contextlib.nullcontext()
-        calls: list = []
-        first = blocks[0]
-        blocks[0] = _Capture(calls)
-        try:
-            with rest:
-                for ids in sequences:
-                    try:
-                        model(input_ids=ids.reshape(1, -1), use_cache=False)
-                    except _Stop:
-                        pass
-                    else:
-                        raise RuntimeError(f"{type(model).__name__}: the forward pass never reached "
-                                           f"{self.blocks_name}[0]")
-        finally:
-            blocks[0] = first
+        with on_rest(self.model) if on_rest else contextlib.nullcontext():
+            calls = self.capture(sequences)
         hidden = [args[0] for args, _ in calls]
-        wrap = False
-        for i in tqdm(range(len(blocks)), desc="calibration blocks", unit="block", disable=not progress):
-            block = blocks[i]
-            self._load(block, self.block_name(i) + ".")
+        for i in tqdm(range(len(self.blocks)), desc="calibration blocks", unit="block", disable=not progress):
+            block = self.load_block(i)
             try:
                 with on_block(self.block_name(i), block) if on_block else contextlib.nullcontext():
-                    for k, (args, kwargs) in enumerate(calls):
-                        out = block(hidden[k], *args[1:], **kwargs)
-                        wrap = isinstance(out, tuple)
-                        hidden[k] = out[0] if wrap else out
+                    for k, call in enumerate(calls):
+                        hidden[k] = self.block_forward(block, hidden[k], call)
             finally:
-                block.to("meta")
-        current = [0]
-        saved = list(blocks)
-        for i in range(len(blocks)):
-            blocks[i] = _Replay(hidden if i == 0 else None, wrap, current)
-        try:
-            with on_rest(model) if on_rest else contextlib.nullcontext():
-                for k, ids in enumerate(sequences):
-                    current[0] = k
-                    model(input_ids=ids.reshape(1, -1), use_cache=False)
-        finally:
-            for i, b in enumerate(saved):
-                blocks[i] = b
+                self.drop_block(i)
+        with self.tail(hidden) as current, on_rest(self.model) if on_rest else contextlib.nullcontext():
+            for k, ids in enumerate(sequences):
+                current[0] = k
+                self.model(input_ids=ids.reshape(1, -1), use_cache=False)
 
 
 def _default_attention(model) -> str:

@@ -24,12 +24,12 @@ tensors, kept in allocation.json; (5) those tensors are quantized at their rates
 Memory: a folder source is read tensor by tensor (safetensors mmap) and each parameter is
 quantized and written before the next is read, so a data-free conversion holds one
 parameter (in float32) and its codes at a time, plus one output shard while assembling.
-The activation statistics of a folder's model are collected one decoder block at a time,
-read from its files (eoq.blockwise; a model given in memory, or one without a list of
-repeated blocks, runs whole); their covariances for error feedback are still all kept until
-the conversion ends. The sensitivity pass needs the whole model in memory (plus its
-gradients), for that pass only; running it block by block, and quantizing each block as
-its statistics are done, is the rest of the real-size work (issue 17).
+Calibration runs a folder's model one decoder block at a time, read from its files
+(eoq.blockwise): the activation statistics and the sensitivity (Fisher) pass, each equal to
+its whole-model version; a model given in memory, or one without a list of repeated
+blocks, runs whole. The covariances for error feedback are still all kept until the
+conversion ends; quantizing each block as its statistics are done is the rest of the
+real-size work (issue 17).
 """
 
 from __future__ import annotations
@@ -369,8 +369,8 @@ def calibrate(source: Source, config: QuantConfig, root: pathlib.Path, progress:
         if stats is None:
             stats, model = activation_stats(source, seqs, covariance, progress)
         shape = (len(seqs), config.calib_seq_len)
-        if want_sens:  # the Fisher pass holds the whole model (block by block: issue 17)
-            sens = sensitivity_of(source, config, model or source.load_model(), seqs, progress)
+        if want_sens:
+            sens = sensitivity_of(source, config, model, seqs, progress)
         return _finish_calibration(source, config, stats, sens, want_sens, text, shape, path, info_path, sens_path)
     model = source.load_model()
     if not model.can_generate():
@@ -390,6 +390,19 @@ def calibrate(source: Source, config: QuantConfig, root: pathlib.Path, progress:
         sens = sensitivity_of(source, config, model, seqs, progress)
     return _finish_calibration(source, config, stats, sens, want_sens, text,
                                (config.calib_sequences, config.calib_self_len), path, info_path, sens_path)
+
+
+def block_runner(source: Source):
+    """A BlockRunner over a folder's model, or None (a model in memory, or no repeated blocks)."""
+    from .blockwise import BlockRunner, NoBlocks
+    from .sources import FolderSource
+
+    if not isinstance(source, FolderSource):
+        return None
+    try:
+        return BlockRunner(source)
+    except NoBlocks:
+        return None
 
 
 def activation_stats(source: Source, seqs: list, covariance: bool, progress: bool) -> tuple[dict, Optional[torch.nn.Module]]:
@@ -444,16 +457,30 @@ def calibrate_model(model_or_path, folder: Union[str, os.PathLike], config: Opti
 def sensitivity_of(source: Source, config: QuantConfig, model, seqs: list, progress: bool) -> Sensitivity:
     """The Fisher pass over the first sensitivity_sequences calibration sequences (when the
     model has an output distribution and the allocation asks for it), plus the calibration
-    tokens' counts (the input embedding's row weights when there is no Fisher pass)."""
+    tokens' counts (the input embedding's row weights when there is no Fisher pass). With
+    ``model`` None, a folder's model is run one block at a time (fisher_pass_blockwise: the
+    same sums, one block in memory), else loaded whole."""
     from . import sensitivity as sensmod
 
     vocab_rows = {name: source.spec(name).shape[0] for name, role in source.vocab.items() if role == "input"}
     rows = next(iter(vocab_rows.values()), 0)
+    runner = None
+    if model is None and config.allocation == "sensitivity":
+        runner = block_runner(source)
+        model = runner.model if runner is not None else source.load_model()
     if config.allocation == "sensitivity" and sensmod.has_logits(model):
         limit = getattr(model.config, "max_position_embeddings", None)  # a sampled sequence has BOS in front
-        sens = sensmod.fisher_pass(model, [s[:limit] for s in seqs[:config.sensitivity_sequences]],
-                                   row_params=source.vocab,
-                                   seed=config.seed, progress=progress)
+        fisher_seqs = [s[:limit] for s in seqs[:config.sensitivity_sequences]]
+        sens = None
+        if runner is not None:
+            try:
+                sens = sensmod.fisher_pass_blockwise(runner, fisher_seqs, row_params=source.vocab, seed=config.seed,
+                                                     progress=progress)
+            except sensmod.Unsupported:
+                sens = None
+        if sens is None:
+            sens = sensmod.fisher_pass(source.load_model() if runner is not None else model, fisher_seqs,
+                                       row_params=source.vocab, seed=config.seed, progress=progress)
     else:
         sens = Sensitivity(0, {}, {}, {}, {})
     if rows:

@@ -39,8 +39,10 @@ both roles' gradient in one). Plus the token counts of the calibration text, the
 weights of an embedding when the model has no output distribution to differentiate
 (encoders).
 
-Memory: the whole model and its gradients (2x the float32 model). Block-by-block
-estimation for models larger than memory is the real-size work (issue 17).
+Memory: ``fisher_pass`` holds the whole model and its gradients (2x the float32 model).
+``fisher_pass_blockwise`` (what a conversion from a folder uses) gives the same sums with one
+decoder block and its gradients in memory, plus every block's input hidden states for the
+Fisher sequences (eoq.blockwise; 2 GiB for an 8 B model at 8 x 512 tokens).
 """
 
 from __future__ import annotations
@@ -198,6 +200,173 @@ def fisher_pass(model, sequences: list[torch.Tensor], row_params: Iterable[str] 
     return Sensitivity(tokens, fisher, fisher_w2, mean_w2, out_rows)
 
 
+class Unsupported(Exception):
+    """The block-by-block Fisher pass cannot reproduce this model's gradients exactly."""
+
+
+def fisher_pass_blockwise(runner, sequences: list[torch.Tensor], row_params: Iterable[str] = (), seed: int = 0,
+                          progress: bool = False) -> Sensitivity:
+    """``fisher_pass`` with one decoder block in memory at a time (eoq.blockwise.BlockRunner).
+
+    The same sums as the whole-model pass (equal up to the order of float additions): the
+    labels are sampled from the same logits with the same generator, and every parameter's
+    gradient for a sequence is the one backpropagation through the whole model gives.
+      1. Forward, no graph: each block's input hidden states are kept for every sequence
+         (blocks x sequences x tokens x hidden float32: 2 GiB for an 8 B model at 8 x 512).
+      2. The tail (final norm, head) with a graph: labels sampled, sum log p(y) backpropagated
+         to the last block's output; the head's gradients taken.
+      3. The blocks in reverse order, each read from the files once: every sequence's forward
+         recomputed from its stored input, backpropagated from the gradient of its output; the
+         block's squared gradients accumulated, its input's gradient passed down.
+      4. The embeddings: the model's forward pass up to the first block, with a graph,
+         backpropagated from the first block's input gradient.
+    A tied matrix (embedding = head) gets its two roles' gradients in steps 2 and 4; its
+    squared gradient per sequence needs their sum, so the head's gradient is kept for the rows
+    the sequence's tokens select (the only rows an embedding lookup's gradient touches; checked,
+    Unsupported otherwise) and the two are added there before squaring."""
+    from tqdm.auto import tqdm
+
+    model = runner.model
+    names = [n for n, p in model.named_parameters(remove_duplicate=False) if p.dim() == 2 and p.is_floating_point()]
+    first_of = {n: n for n in names}
+    for first, group in runner.tied.items():
+        for n in group:
+            first_of[n] = first
+    firsts = list(dict.fromkeys(first_of[n] for n in names))
+    acc = {n: torch.zeros((), dtype=torch.float64) for n in firsts}
+    acc_w2 = {n: torch.zeros((), dtype=torch.float64) for n in firsts}
+    row_params = set(row_params)
+    shapes = {n: p.shape for n, p in model.named_parameters(remove_duplicate=False)}
+    rows = {f: torch.zeros(shapes[f][0], dtype=torch.float64) for f in firsts
+            if row_params & {n for n in names if first_of[n] == f}}
+    mean_w2: dict[str, float] = {}
+    tied_firsts = {f for f in firsts if f in runner.tied}
+
+    def add(first, g, w, sel=None):
+        """Squared gradient g of parameter `first` (rows `sel` only, when given) into the sums."""
+        g2 = g.double().pow(2)
+        acc[first] += g2.sum()
+        acc_w2[first] += (g2 * w.double().pow(2)).sum()
+        if first in rows:
+            if sel is None:
+                rows[first] += g2.sum(1)
+            else:
+                rows[first].index_add_(0, sel, g2.sum(1))
+
+    def rest_params():
+        return {n: p for n, p in model.named_parameters(remove_duplicate=False)
+                if n in first_of and not n.startswith(runner.prefix)}
+
+    for n, p in model.named_parameters():
+        p.requires_grad_(False)
+    seqs = list(sequences)
+    gen = torch.Generator().manual_seed(int(seed))
+    with torch.no_grad():  # 1
+        calls = runner.capture(seqs)
+        hidden = [args[0] for args, _ in calls]
+        inputs = []
+        for i in tqdm(range(len(runner.blocks)), desc="sensitivity forward", unit="block", disable=not progress):
+            block = runner.load_block(i)
+            try:
+                inputs.append(list(hidden))
+                hidden = [runner.block_forward(block, h, c) for h, c in zip(hidden, calls)]
+            finally:
+                runner.drop_block(i)
+    rest = rest_params()
+    for n, p in rest.items():
+        p.requires_grad_(True)
+    grads, pending = [], []  # pending[k]: {first: (rows, head gradient there)} of the tied matrices
+    outputs = [None] * len(seqs)
+    with runner.tail(outputs) as current:  # 2
+        for k, ids in enumerate(seqs):
+            current[0] = k
+            outputs[k] = hidden[k].detach().requires_grad_(True)
+            logits = model(input_ids=ids.reshape(1, -1), use_cache=False).logits[0].float()
+            logp = torch.log_softmax(logits, dim=-1)
+            y = torch.multinomial(logp.detach().exp(), 1, generator=gen)
+            logp.gather(1, y).sum().backward()
+            grads.append(outputs[k].grad)
+            outputs[k] = None
+            stash = {}
+            with torch.no_grad():
+                for n, p in rest.items():
+                    if p.grad is None:
+                        continue
+                    f = first_of[n]
+                    if f in tied_firsts:
+                        sel = ids.reshape(-1).unique()
+                        keep = torch.ones(p.shape[0], dtype=torch.bool)
+                        keep[sel] = False
+                        add(f, p.grad[keep], p[keep], keep.nonzero().reshape(-1))
+                        stash[f] = (sel, p.grad[sel].clone())
+                    else:
+                        add(f, p.grad, p)
+                    p.grad = None
+            pending.append(stash)
+    del hidden
+    for i in tqdm(reversed(range(len(runner.blocks))), total=len(runner.blocks), desc="sensitivity backward",
+                  unit="block", disable=not progress):  # 3
+        block = runner.load_block(i)
+        prefix = runner.block_name(i) + "."
+        try:
+            params = {prefix + n: p for n, p in block.named_parameters(remove_duplicate=False)}
+            for n, p in params.items():
+                p.requires_grad_(n in first_of)
+            for k, call in enumerate(calls):
+                x = inputs[i][k].detach().requires_grad_(True)
+                runner.block_forward(block, x, call).backward(grads[k])
+                grads[k] = x.grad
+                with torch.no_grad():
+                    for n, p in params.items():
+                        if p.grad is not None:
+                            add(first_of[n], p.grad, p)
+                            p.grad = None
+            with torch.no_grad():
+                for n, p in params.items():
+                    if n in first_of:
+                        mean_w2[n] = float(round_sig(p.double().pow(2).mean()))
+        finally:
+            runner.drop_block(i)
+            inputs[i] = None
+    tokens = 0
+    for k, ids in enumerate(seqs):  # 4
+        (args, _), = runner.capture([ids])
+        if args[0].requires_grad:
+            args[0].backward(grads[k])
+        tokens += int(ids.numel())
+        with torch.no_grad():
+            for n, p in rest.items():
+                f = first_of[n]
+                stash = pending[k].get(f)
+                if p.grad is None:  # (a tied head's rows left alone are added below)
+                    continue
+                if stash is None:
+                    add(f, p.grad, p)
+                else:
+                    sel, g_head = stash
+                    outside = torch.ones(p.shape[0], dtype=torch.bool)
+                    outside[sel] = False
+                    if bool(p.grad[outside].any()):
+                        raise Unsupported(f"{n}: its gradient reaches rows the sequence's tokens do not select")
+                    add(f, p.grad[sel] + g_head, p[sel], sel)
+                    del pending[k][f]
+                p.grad = None
+            for f, (sel, g_head) in pending[k].items():  # a tied matrix the embedding pass did not reach
+                add(f, g_head, dict(model.named_parameters(remove_duplicate=False))[f][sel], sel)
+    for n, p in rest.items():
+        p.requires_grad_(False)
+        with torch.no_grad():
+            mean_w2[n] = float(round_sig(p.double().pow(2).mean()))
+    fisher, fisher_w2, out_mean, out_rows = {}, {}, {}, {}
+    for n in names:
+        f = first_of[n]
+        fisher[n], fisher_w2[n] = float(round_sig(acc[f])), float(round_sig(acc_w2[f]))
+        out_mean[n] = mean_w2[f] if f in mean_w2 else mean_w2[n]
+        if f in rows:
+            out_rows[n] = round_sig(rows[f])
+    return Sensitivity(tokens, fisher, fisher_w2, out_mean, out_rows)
+
+
 @torch.no_grad()
 def noise_kl(model, sequences: list[torch.Tensor], names: Iterable[str], rel_mse: float, seed: int = 0,
              progress: bool = False) -> dict[str, float]:
@@ -228,4 +397,4 @@ def noise_kl(model, sequences: list[torch.Tensor], names: Iterable[str], rel_mse
     return out
 
 
-__all__ = ["Sensitivity", "fisher_pass", "noise_kl", "token_counts", "has_logits", "round_sig"]
+__all__ = ["Sensitivity", "fisher_pass", "fisher_pass_blockwise", "Unsupported", "noise_kl", "token_counts", "has_logits", "round_sig"]
