@@ -43,12 +43,10 @@ import subprocess
 import sys
 import time
 
-GIB = 1 << 30
+import random_models
+
 MIB = 1 << 20
 CHILD_FLAG = "--_child"
-LLAMA1B = dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=8192, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096, tie_word_embeddings=False,
-               rms_norm_eps=1e-5, torch_dtype="bfloat16")
 MODES = ("bf16", "eoq", "eoq-ref")
 
 
@@ -146,58 +144,14 @@ def cache_dir() -> pathlib.Path:
     return d
 
 
-def make_llama1b(dest: pathlib.Path) -> pathlib.Path:
-    """A 1.1 B-parameter Llama folder with random weights (bf16 safetensors, 1 GiB shards)."""
-    if (dest / "config.json").is_file():
-        return dest
-    import torch
-    import transformers
-    from safetensors.torch import save_file
-
-    tmp = dest.with_name(dest.name + ".partial")
-    tmp.mkdir(parents=True, exist_ok=True)
-    config = transformers.LlamaConfig(**LLAMA1B)
-    config.architectures = ["LlamaForCausalLM"]
-    with torch.device("meta"):
-        shapes = {n: tuple(t.shape) for n, t in transformers.LlamaForCausalLM(config).state_dict().items()}
-    g = torch.Generator().manual_seed(0)
-    shards, cur, size = [], {}, 0
-
-    def flush():
-        nonlocal cur, size
-        if cur:
-            shards.append(cur)
-            cur, size = {}, 0
-
-    for name in sorted(shapes):
-        shape = shapes[name]
-        if len(shape) == 1:
-            t = torch.ones(shape, dtype=torch.bfloat16)
-        else:
-            t = (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
-        if size + t.numel() * 2 > GIB:
-            flush()
-        cur[name] = t
-        size += t.numel() * 2
-    flush()
-    index = {"metadata": {"total_size": sum(t.numel() * 2 for s in shards for t in s.values())}, "weight_map": {}}
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(tmp / fname), metadata={"format": "pt"})
-        index["weight_map"].update({n: fname for n in shard})
-    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
-    config.save_pretrained(str(tmp))
-    tmp.rename(dest)
-    return dest
-
-
 def resolve(key: str) -> dict:
     from eoq import testmodels
 
     if key == "smollm2":
         return {"key": key, "label": "SmolLM2-135M-dithered", "bf16": testmodels.smollm2_dithered()}
     if key == "llama1b":
-        return {"key": key, "label": "Llama-1.1B-random", "bf16": make_llama1b(cache_dir() / "llama1b-bf16")}
+        return {"key": key, "label": "Llama-1.1B-random", "bf16": random_models.make_llama(cache_dir() / "llama1b-bf16",
+                                                                                           random_models.LLAMA1B)}
     raise SystemExit(f"--models: unknown {key!r} (smollm2, llama1b)")
 
 
