@@ -68,7 +68,7 @@ from typing import Optional
 
 import torch
 
-from .methods import ecsq, rotation
+from .methods import ecsq
 
 GRID = 32            # steps per curve: rates ~0.35 bit apart from 0 to max_bits + 2 bits/weight
 TOP_MARGIN = 2.0     # the finest step is aimed at max_bits + 2 (the Gaussian estimate's margin)
@@ -107,8 +107,8 @@ def rd_curve(w: torch.Tensor, importance: Optional[torch.Tensor] = None, block_s
     else:
         from . import feedback
 
-        p.u = rotation.feedback_factor(hessian, p.block, p.padded, seed, name, damp, hessian_tokens)
-        h_rot = feedback.rotate_hessian(hessian, p.block, p.padded, seed)
+        h_rot = feedback.rotate_hessian(hessian, p.block, p.padded, seed)  # as rotation.feedback_factor
+        p.u = feedback.inverse_cholesky(h_rot, damp=damp, name=name, tokens=hessian_tokens)
         pts = []
         for i in _feedback_steps([bits / n for bits, _ in plain], min_bits, max_bits):
             bits, dist = p.rate_and_output_error(steps[i], h_rot)
