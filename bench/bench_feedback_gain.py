@@ -17,6 +17,11 @@ sensitivities from the calibration text (``eoq.calibrate_model`` with feedback="
    and once on feedback's. Both are scored on feedback's curves (what a conversion with
    feedback then quantizes): the predicted KL sum_t c_t D_t(R_t) of each, and how far the
    rates move.
+3. With ``--eval-text``: does the gain hold on other text? For the weights matching
+   ``--eval-tensors`` (a regex), the covariance of their inputs on ``--eval-sequences``
+   windows of that text is measured too, and each weight quantized at ``--eval-bits`` with
+   feedback (damping ``--damps``, the covariance from the calibration) and without; the
+   ratio of their output errors on the calibration's covariance and on the other text's.
 """
 
 from __future__ import annotations
@@ -46,6 +51,12 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=4.0)
     ap.add_argument("--range", default="1.5,8", help="the curves' rate range, bits/weight")
     ap.add_argument("--threads", type=int)
+    ap.add_argument("--eval-text", help="a text of another kind (e.g. WikiText-2's test split) for section 3")
+    ap.add_argument("--eval-sequences", type=int, default=8)
+    ap.add_argument("--eval-tensors", default=r"layers\.(3|10|20)\.(self_attn\.q_proj|mlp\.down_proj)")
+    ap.add_argument("--eval-bits", type=float, default=4.0)
+    ap.add_argument("--damps", default="0.01,0.1,0.3")
+    ap.add_argument("--held-out-only", action="store_true", help="section 3 alone")
     ap.add_argument("--json")
     a = ap.parse_args(argv)
     if a.threads:
@@ -67,6 +78,13 @@ def main(argv=None) -> int:
     from eoq.sources import open_source
 
     source = open_source(folder)
+    if a.held_out_only:
+        if not a.eval_text:
+            ap.error("--held-out-only needs --eval-text")
+        report = {"model": str(folder), "held_out": held_out(a, source, stats)}
+        if a.json:
+            pathlib.Path(a.json).write_text(json.dumps(report, indent=2))
+        return 0
     lo, hi = (float(v) for v in a.range.split(","))
     bits = [float(b) for b in a.bits.split(",")]
     rows, curves_plain, curves_fb = [], {}, {}
@@ -125,9 +143,47 @@ def main(argv=None) -> int:
           f"{al['predicted_kl_feedback_curves']:.4g} with feedback's "
           f"({al['predicted_kl_feedback_curves'] / al['predicted_kl_plain_curves']:.3f}x); "
           f"rates move {al['mean_rate_move']:.2f} bit on average, {al['max_rate_move']:.2f} at most")
+    if a.eval_text:
+        report["held_out"] = held_out(a, source, stats)
     if a.json:
         pathlib.Path(a.json).write_text(json.dumps(report, indent=2))
     return 0
+
+
+def held_out(a, source, stats) -> list[dict]:
+    """Section 3: feedback's gain on the calibration's covariance and on another text's."""
+    import re
+
+    import eoq
+    from eoq import calibration as cal, feedback
+    from eoq.convert import tensor_seed
+
+    pick = re.compile(a.eval_tensors)
+    names = [n.removesuffix(".weight") for n in source.names if pick.search(n) and n.removesuffix(".weight") in stats]
+    text = pathlib.Path(a.eval_text).read_text()  # measured on, never calibrated on: load_text would refuse it
+    seqs = cal.token_sequences(text, source.tokenizer, a.eval_sequences, 512)
+    other = cal.collect_stats_blockwise(source, seqs, include=lambda n: n in names, progress=False, covariance=True)
+    damps = [float(d) for d in a.damps.split(",")]
+    out = []
+    print(f"\n# held out: output error with feedback / without at {a.eval_bits:g} bits, on the calibration's "
+          f"covariance and on {a.eval_sequences} x 512 tokens of {pathlib.Path(a.eval_text).name}\n")
+    print("| weight | " + " | ".join(f"damp {d:g}: calibration / other text" for d in damps) + " |")
+    print("|---|" + "---|" * len(damps))
+    for n in names:
+        w, s, o = source.get(n + ".weight").float(), stats[n], other[n]
+        seed = tensor_seed(eoq.QuantConfig().seed, n + ".weight")
+        plain = eoq.quantize_tensor(w, "ecsq", a.eval_bits, importance=s.mean_sq, seed=seed,
+                                    recon=False).dequantize(torch.float32)
+        base = feedback.output_error(w, plain, s.hessian), feedback.output_error(w, plain, o.hessian)
+        row = {"name": n, "ratios": {}}
+        for d in damps:
+            fb = eoq.quantize_tensor(w, "ecsq", a.eval_bits, importance=s.mean_sq, seed=seed, hessian=s.hessian,
+                                     damp=d, hessian_tokens=s.count).dequantize(torch.float32)
+            row["ratios"][d] = (feedback.output_error(w, fb, s.hessian) / base[0],
+                                feedback.output_error(w, fb, o.hessian) / base[1])
+        out.append(row)
+        print(f"| {n} | " + " | ".join(f"{c:.3f} / {e:.3f}" for c, e in row["ratios"].values()) + " |", flush=True)
+    return out
 
 
 if __name__ == "__main__":
