@@ -156,13 +156,14 @@ def held_out(a, source, stats) -> list[dict]:
 
     import eoq
     from eoq import calibration as cal, feedback
+    from eoq.blockwise import BlockRunner
     from eoq.convert import tensor_seed
 
     pick = re.compile(a.eval_tensors)
     names = [n.removesuffix(".weight") for n in source.names if pick.search(n) and n.removesuffix(".weight") in stats]
     text = pathlib.Path(a.eval_text).read_text()  # measured on, never calibrated on: load_text would refuse it
     seqs = cal.token_sequences(text, source.tokenizer, a.eval_sequences, 512)
-    other = cal.collect_stats_blockwise(source, seqs, include=lambda n: n in names, progress=False, covariance=True)
+    other = cal.collect_stats_blockwise(BlockRunner(source), seqs, include=lambda n: n in names, progress=False, covariance=True)
     damps = [float(d) for d in a.damps.split(",")]
     out = []
     print(f"\n# held out: output error with feedback / without at {a.eval_bits:g} bits, on the calibration's "

@@ -67,7 +67,7 @@ def child(spec: dict) -> dict:
     else:
         from eoq.blockwise import BlockRunner
 
-        stats = calibration.collect_stats_blockwise(src, seqs, progress=False)
+        stats = calibration.collect_stats_blockwise(BlockRunner(src), seqs, progress=False)
         t1 = time.perf_counter()
         sens = sensitivity.fisher_pass_blockwise(BlockRunner(src), fisher_seqs, row_params=src.vocab)
     t2 = time.perf_counter()

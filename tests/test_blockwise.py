@@ -18,7 +18,7 @@ def test_statistics_equal_the_whole_models(tmp_path, arch):
     src = sources.open_source(save(arch, tmp_path / "m"))
     seqs = _seqs()
     whole = calibration.collect_stats(src.load_model(), seqs, progress=False, covariance=True)
-    blocks = calibration.collect_stats_blockwise(src, seqs, progress=False, covariance=True)
+    blocks = calibration.collect_stats_blockwise(blockwise.BlockRunner(src), seqs, progress=False, covariance=True)
     assert list(blocks) == list(whole)  # every Linear, the head included, in the model's order
     for name, s in whole.items():
         b = blocks[name]
@@ -59,7 +59,7 @@ def test_a_block_missing_from_the_files_is_named(tmp_path):
     save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
     src = sources.open_source(folder)
     with pytest.raises(ValueError, match="model.layers.1.mlp.up_proj.weight"):
-        calibration.collect_stats_blockwise(src, _seqs(n=1), progress=False)
+        calibration.collect_stats_blockwise(blockwise.BlockRunner(src), _seqs(n=1), progress=False)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])  # tied, untied, tied with positions

@@ -185,17 +185,12 @@ def collect_stats(model: torch.nn.Module, sequences: Iterable[torch.Tensor],
 
 
 @torch.no_grad()
-def collect_stats_blockwise(source, sequences: Iterable[torch.Tensor], include: Optional[callable] = None,
+def collect_stats_blockwise(runner, sequences: Iterable[torch.Tensor], include: Optional[callable] = None,
                             progress: bool = True, covariance: bool = False) -> dict[str, ActStats]:
-    """``collect_stats`` on a FolderSource's model run one block at a time from its files
-    (eoq.blockwise): the same statistics, bit for bit, holding one block instead of the model.
-    With covariance each block's matrices exist only once that block has run, but they are
-    all returned: memory for them is still the whole model's (8 n^2 bytes per input)."""
-    from tqdm.auto import tqdm
-
-    from .blockwise import BlockRunner
-
-    runner = BlockRunner(source)
+    """``collect_stats`` on a model run one block at a time from its files (an
+    eoq.blockwise.BlockRunner): the same statistics, bit for bit, holding one block instead of
+    the model. With covariance each block's matrices exist only once that block has run, but
+    they are all returned: memory for them is still the whole model's (8 n^2 bytes per input)."""
     seqs = list(sequences)
     stats: dict[str, ActStats] = {}
 

@@ -410,14 +410,10 @@ def activation_stats(source: Source, seqs: list, covariance: bool, progress: boo
     from its files (eoq.blockwise: the same statistics bit for bit, one block in memory);
     a model without a list of repeated blocks, or one given in memory, runs whole."""
     from . import calibration as cal
-    from .blockwise import NoBlocks
-    from .sources import FolderSource
 
-    if isinstance(source, FolderSource):
-        try:
-            return cal.collect_stats_blockwise(source, seqs, progress=progress, covariance=covariance), None
-        except NoBlocks:
-            pass
+    runner = block_runner(source)
+    if runner is not None:
+        return cal.collect_stats_blockwise(runner, seqs, progress=progress, covariance=covariance), None
     model = source.load_model()
     return cal.collect_stats(model, seqs, progress=progress, covariance=covariance), model
 
