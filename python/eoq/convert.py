@@ -260,7 +260,9 @@ def allocate_rates(source: Source, config: QuantConfig, partial: "Partial", plan
             t = source.get(name)
             w = t.t() if plans[name]["role"] == "conv1d" else t
             rows_w, row_tokens = row_importance_for(source, sens, name)
-            fb = feedback_options(source, config, stats, name, w.shape[1])
+            # With feedback the curves stay plain rounding's: feedback's own curves, measured on
+            # the covariance it was fitted to, overstate its gain (allocate.FEEDBACK_CURVES)
+            fb = feedback_options(source, config, stats, name, w.shape[1]) if allocate.FEEDBACK_CURVES else {}
             args = (w, importance_for(source, stats, name), plans[name]["block_size"], tensor_seed(config.seed, name),
                     lo, hi, rows_w, row_tokens, fb.get("hessian"), fb.get("damp", 0.0), fb.get("hessian_tokens"), name)
             rates_, dists = cached_curve(curve_cache, args) if curve_cache else allocate.rd_curve(*args)

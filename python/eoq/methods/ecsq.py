@@ -36,10 +36,9 @@ inverse of the covariance in the rotated domain, so the output error (W - W_hat)
 W_hat)^T drops while the format stays as it is. The codes' distribution changes (it
 widens), so every rate the step search and the exact-size loop measure is measured on the
 codes after feedback: the rate target is met honestly. The codes are clamped to the range
-plain rounding gives at that step. The allocator's rate-distortion curves measure the same
-thing (rate_and_output_error): the rate of the codes feedback chooses and the output error
-through the covariance, since feedback's gain differs from tensor to tensor (it depends on
-how correlated the inputs are).
+plain rounding gives at that step. ``rate_and_output_error`` measures a point of feedback's
+own rate-distortion curve (the rate of the codes it chooses, the output error through the
+covariance) for eoq.allocate, which a conversion does not use yet (allocate.FEEDBACK_CURVES).
 
 Reconstruction at low rates: the midpoint q * step is the best reconstruction of a cell only
 where the density is flat across it. At 2-3 bits the cells next to zero are wide against the
