@@ -82,7 +82,7 @@ class _Replay(torch.nn.Module):
 
 def find_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
     """(qualified name, ModuleList) of the model's repeated blocks: the ModuleList of modules
-    of one class that holds the most parameters. ValueError when there is none."""
+    of one class that holds the most parameters. NoBlocks (a ValueError) when there is none."""
     best, best_size = None, 0
     for name, module in model.named_modules():
         if not isinstance(module, torch.nn.ModuleList) or len(module) == 0:
@@ -94,7 +94,7 @@ def find_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
             best, best_size = (name, module), size
     if best is None:
         raise NoBlocks(f"{type(model).__name__}: no list of repeated blocks found; block-by-block calibration "
-                         f"needs one (model.layers, h, encoder.layer...)")
+                       f"needs one (model.layers, h, encoder.layer...)")
     return best
 
 
@@ -111,7 +111,7 @@ class BlockRunner:
         with init_empty_weights(include_buffers=False):
             model = model_class(config)(config)
         # from_pretrained's attention implementation, not the constructor's default
-        model.set_attn_implementation(getattr(source, "attn_implementation", None) or _default_attention(model))
+        model.set_attn_implementation(_default_attention(model))
         self.model = model.eval()
         self.blocks_name, self.blocks = find_blocks(model)
         self.prefix = self.blocks_name + "."
@@ -121,7 +121,7 @@ class BlockRunner:
         # (an empty model is not tied yet: the source's tie map says which are)
         order = [n for n, _ in model.named_parameters(remove_duplicate=False)]
         group = {n: n for n in order}
-        for name, target in getattr(source, "tied", {}).items():
+        for name, target in source.tied.items():
             if name in group and target in group:
                 group[name] = group[target]
         shared: dict[str, list[str]] = {}

@@ -270,10 +270,6 @@ def fisher_pass_blockwise(runner, sequences: list[torch.Tensor], row_params: Ite
                 else:
                     rows[first].index_add_(0, sel[r0:r0 + step], g2.sum(1))
 
-    def rest_params():
-        return {n: p for n, p in model.named_parameters(remove_duplicate=False)
-                if n in first_of and not n.startswith(runner.prefix)}
-
     for n, p in model.named_parameters():
         p.requires_grad_(False)
     seqs = list(sequences)
@@ -289,7 +285,8 @@ def fisher_pass_blockwise(runner, sequences: list[torch.Tensor], row_params: Ite
                 hidden = [runner.block_forward(block, h, c) for h, c in zip(hidden, calls)]
             finally:
                 runner.drop_block(i)
-    rest = rest_params()
+    rest = {n: p for n, p in model.named_parameters(remove_duplicate=False)  # outside the blocks
+            if n in first_of and not n.startswith(runner.prefix)}
     for n, p in rest.items():
         p.requires_grad_(True)
     grads, pending = [], []  # pending[k]: {first: (rows, head gradient there)} of the tied matrices
@@ -369,7 +366,7 @@ def fisher_pass_blockwise(runner, sequences: list[torch.Tensor], row_params: Ite
                     del pending[k][f]
                 p.grad = None
             for f, (sel, g_head) in pending[k].items():  # a tied matrix the embedding pass did not reach
-                add(f, g_head, dict(model.named_parameters(remove_duplicate=False))[f][sel], sel)
+                add(f, g_head, rest[f][sel], sel)
     for n, p in rest.items():
         p.requires_grad_(False)
         with torch.no_grad():
