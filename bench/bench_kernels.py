@@ -247,7 +247,20 @@ def bench(args) -> dict:
         res["kernels"].append({"threads": nt, "kernel": "absmax_quantize Q5/32", "Msps": w2.numel() / tq / 1e6})
         res["kernels"].append({"threads": nt, "kernel": "absmax_dequantize Q5/32", "Msps": w2.numel() / tdq / 1e6})
         res["kernels"].append({"threads": nt, "kernel": "hadamard block 128 (signs)", "Msps": w2.numel() / th / 1e6})
+        # One pass of ecsq's rate search: the kernel against the torch ops it replaced
+        step = float(w2.std()) / 4
+        tk, _ = best_time(lambda: ops.code_histogram(w2, step), args.repeats)
+        tr, _ = best_time(lambda: _histogram_in_torch(w2, step), args.repeats)
+        res["kernels"].append({"threads": nt, "kernel": "code_histogram (rate search pass)", "Msps": w2.numel() / tk / 1e6})
+        res["kernels"].append({"threads": nt, "kernel": "  the same in torch ops", "Msps": w2.numel() / tr / 1e6})
     return res
+
+
+def _histogram_in_torch(x, step):
+    """What ecsq measured per trial step before ops.code_histogram (tests/test_code_histogram.py)."""
+    q = torch.round(x / step)
+    counts = torch.bincount((q - q.min()).long().reshape(-1))
+    return counts, (q * step - x).pow(2).sum(1, dtype=torch.float64)
 
 
 def format_tables(res: dict) -> str:

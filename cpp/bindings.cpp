@@ -9,6 +9,7 @@
 
 #include "absmax.h"
 #include "bitpack.h"
+#include "code_histogram.h"
 #include "crc32c.h"
 #include "dequant.h"
 #include "errors.h"
@@ -350,6 +351,37 @@ std::tuple<Tensor, Tensor> gptq_quantize(const Tensor& w, const Tensor& u, const
   return {codes, xhat};
 }
 
+// (qmin, counts int64 [span], per-row squared errors float64 [rows] or None): one pass of
+// the uniform quantizer at `step` (code_histogram.h).
+std::tuple<int64_t, Tensor, c10::optional<Tensor>> code_histogram(const Tensor& x, double step, double xmin, double xmax,
+                                                                 bool row_error) {
+  require_f32(x, 2, "x");
+  int64_t qmin = 0, span = 0;
+  eoq::code_range(static_cast<float>(xmin), static_cast<float>(xmax), static_cast<float>(step), &qmin, &span);
+  Tensor hist = torch::empty({span}, torch::kInt64);
+  c10::optional<Tensor> err;
+  if (row_error) err = torch::empty({x.size(0)}, torch::kFloat64);
+  py::gil_scoped_release nogil;
+  eoq::code_histogram(x.data_ptr<float>(), x.size(0), x.size(1), static_cast<float>(step), qmin, span,
+                      hist.data_ptr<int64_t>(), row_error ? err->data_ptr<double>() : nullptr);
+  return {qmin, hist, err};
+}
+
+// ecsq's fitted-reconstruction sums (code_histogram.h recon_sums): float64 [3 top + 1].
+Tensor recon_sums(const Tensor& x, const Tensor& q, const Tensor& row_step, int64_t top) {
+  require_f32(x, 2, "x");
+  require_f32(q, 2, "q");
+  require_f32(row_step, 1, "row_step");
+  require(q.sizes() == x.sizes(), "q must have x's shape");
+  require(row_step.numel() == x.size(0), "row_step must hold one step per row");
+  require(top >= 1 && top <= 64, "top must be in 1..64");
+  Tensor sums = torch::empty({3 * top + 1}, torch::kFloat64);
+  py::gil_scoped_release nogil;
+  eoq::recon_sums(x.data_ptr<float>(), q.data_ptr<float>(), row_step.data_ptr<float>(), x.size(0), x.size(1),
+                  static_cast<int>(top), sums.data_ptr<double>());
+  return sums;
+}
+
 // The kernel's roundings on a float32 tensor, for tests: bf16 / fp16 bits as int32.
 Tensor round_bits(const Tensor& x, bool bf16) {
   require_f32(x, 1, "x");
@@ -385,6 +417,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("round_bits", &round_bits);
   m.def("crc32c", &crc32c, py::arg("data"), py::arg("portable") = false, py::arg("value") = 0u);
   m.def("gptq_quantize", &gptq_quantize);
+  m.def("code_histogram", &code_histogram);
+  m.def("recon_sums", &recon_sums);
   m.attr("RANS_DEFAULT_SCALE_BITS") = eoq::rans::kDefaultScaleBits;
   m.attr("RANS_DEFAULT_CHUNK") = eoq::rans::kDefaultChunk;
 }

@@ -287,6 +287,43 @@ def hadamard(x: torch.Tensor, block: Optional[int] = None, seed: Optional[int] =
     return out.to(x.dtype)
 
 
+# ---- the uniform quantizer's histogram ---------------------------------------------------
+
+
+class CodeHistogram(NamedTuple):
+    qmin: int                          # the code of hist[0]
+    hist: torch.Tensor                 # int64 [span]: how many of x round to qmin + j
+    row_error: Optional[torch.Tensor]  # float64 [rows]: sum_c (q * step - x)^2, or None
+
+
+def code_histogram(x: torch.Tensor, step: float, x_range: Optional[tuple[float, float]] = None,
+                   row_error: bool = True) -> CodeHistogram:
+    """Codes q = round(x / step) of a 2-D float32 x, counted, with each row's squared error,
+    in one pass and without materialising q (the rate searches' inner loop). ``x_range``:
+    (min, max) of x when the caller knows them (else measured here)."""
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or x.dim() != 2:
+        raise ValueError(f"x must be a 2-D float32 tensor, got {getattr(x, 'dtype', type(x).__name__)} "
+                         f"{tuple(getattr(x, 'shape', ()))}")
+    x = x.detach().cpu().contiguous()
+    if x_range is None:
+        if x.numel() == 0:
+            raise ValueError("x is empty")
+        lo, hi = torch.aminmax(x)
+        x_range = (float(lo), float(hi))
+    qmin, hist, err = _C.code_histogram(x, float(step), float(x_range[0]), float(x_range[1]), bool(row_error))
+    return CodeHistogram(int(qmin), hist, err)
+
+
+def recon_sums(x: torch.Tensor, q: torch.Tensor, row_step: torch.Tensor, top: int) -> torch.Tensor:
+    """float64 [3 top + 1]: per level m = 1..top the sums of w, w t sign(q), w t^2 over the
+    values coded +-m (t = x / step of the row, w = step^2), then the midpoints' error
+    sum w (t - q)^2 over all values: what ecsq's fitted reconstruction is solved from."""
+    x, q = _float(x, "x"), _float(q, "q")
+    if x.dim() != 2 or q.shape != x.shape:
+        raise ValueError(f"x must be 2-D and q of its shape, got {tuple(x.shape)} and {tuple(q.shape)}")
+    return _C.recon_sums(x, q, _float(row_step, "row_step").reshape(-1), _count(top, "top"))
+
+
 # ---- Lloyd-Max --------------------------------------------------------------------------
 
 
@@ -329,5 +366,5 @@ __all__ = [
     "CorruptStreamError", "rans_encode", "rans_decode", "rans_info", "rans_decoder", "crc32c", "crc32c_tensor",
     "ecsq_dequantize", "dequant_kernel",
     "pack_bits", "unpack_bits", "absmax_quantize", "absmax_dequantize", "hadamard", "hadamard_signs",
-    "lloyd_max", "Codebook", "codebook_quantize", "codebook_dequantize",
+    "lloyd_max", "Codebook", "codebook_quantize", "codebook_dequantize", "code_histogram", "CodeHistogram", "recon_sums",
 ]

@@ -164,7 +164,12 @@ def weighted_error(w: torch.Tensor, w_hat: torch.Tensor, importance: Optional[to
 
 def code_entropy_bits(codes: torch.Tensor) -> float:
     """Empirical order-0 entropy of uint8 codes, in bits per code."""
-    counts = torch.bincount(codes.reshape(-1).long(), minlength=256).double()
+    return counts_entropy_bits(torch.bincount(codes.reshape(-1).long(), minlength=256))
+
+
+def counts_entropy_bits(counts: torch.Tensor) -> float:
+    """Order-0 entropy, in bits per symbol, of a histogram (integer counts; zeros anywhere)."""
+    counts = counts.double()
     p = counts[counts > 0] / counts.sum()
     return float(-(p * p.log2()).sum()) if p.numel() else 0.0
 
