@@ -91,3 +91,26 @@ def test_fisher_pass_equals_the_whole_models(tmp_path, arch):
         torch.testing.assert_close(blocks.rows[n], whole.rows[n], rtol=1e-7, atol=0)
     if arch != "qwen2":  # a tied matrix: its two roles' gradients added before squaring
         assert len(runner.tied) == 1
+
+
+def test_calibration_reads_the_embedding_once(tmp_path, monkeypatch):
+    # Both passes (statistics, Fisher) run on one BlockRunner: the parameters outside the
+    # blocks (the embedding, here tied to the head) are read from the files once, not per pass.
+    import eoq
+    from eoq import convert
+    from tinymodels import tokenizer
+
+    folder = tokenizer(save("llama", tmp_path / "m"))
+    text = tmp_path / "calib.txt"
+    text.write_text("Some calibration text for a tiny model, over and over. " * 60)
+    reads = []
+    real_get = sources.FolderSource.get
+    monkeypatch.setattr(sources.FolderSource, "get", lambda self, name: reads.append(name) or real_get(self, name))
+    built = []
+    real_runner = convert.block_runner
+    monkeypatch.setattr(convert, "block_runner", lambda source: built.append(1) or real_runner(source))
+    stats, info, sens = convert.calibrate_model(folder, tmp_path / "calib", eoq.QuantConfig(
+        calibration=str(text), calib_sequences=2, calib_seq_len=32, sensitivity_sequences=1), progress=False)
+    assert sens.tokens > 0 and stats
+    assert len(built) == 1
+    assert reads.count("model.embed_tokens.weight") == 1

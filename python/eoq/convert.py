@@ -368,11 +368,13 @@ def calibrate(source: Source, config: QuantConfig, root: pathlib.Path, progress:
         text = cal.load_text(config.calibration)
         seqs = cal.token_sequences(text, source.tokenizer, config.calib_sequences, config.calib_seq_len)
         model = None
+        # One empty model for both passes: its embedding and head are read from the files once
+        runner = block_runner(source) if stats is None or (want_sens and config.allocation == "sensitivity") else None
         if stats is None:
-            stats, model = activation_stats(source, seqs, covariance, progress)
+            stats, model = activation_stats(source, seqs, covariance, progress, runner)
         shape = (len(seqs), config.calib_seq_len)
         if want_sens:
-            sens = sensitivity_of(source, config, model, seqs, progress)
+            sens = sensitivity_of(source, config, model, seqs, progress, runner)
         return _finish_calibration(source, config, stats, sens, want_sens, text, shape, path, info_path, sens_path)
     model = source.load_model()
     if not model.can_generate():
@@ -407,13 +409,14 @@ def block_runner(source: Source):
         return None
 
 
-def activation_stats(source: Source, seqs: list, covariance: bool, progress: bool) -> tuple[dict, Optional[torch.nn.Module]]:
-    """(statistics, the loaded model or None): a folder's model is run one block at a time
-    from its files (eoq.blockwise: the same statistics bit for bit, one block in memory);
-    a model without a list of repeated blocks, or one given in memory, runs whole."""
+def activation_stats(source: Source, seqs: list, covariance: bool, progress: bool,
+                     runner=None) -> tuple[dict, Optional[torch.nn.Module]]:
+    """(statistics, the loaded model or None): with a BlockRunner (block_runner: a folder's
+    model) the model is run one block at a time from its files (eoq.blockwise: the same
+    statistics bit for bit, one block in memory); without one (a model without a list of
+    repeated blocks, or one given in memory) it runs whole."""
     from . import calibration as cal
 
-    runner = block_runner(source)
     if runner is not None:
         return cal.collect_stats_blockwise(runner, seqs, progress=progress, covariance=covariance), None
     model = source.load_model()
@@ -452,20 +455,22 @@ def calibrate_model(model_or_path, folder: Union[str, os.PathLike], config: Opti
     return calibrate(source, config, folder, progress)
 
 
-def sensitivity_of(source: Source, config: QuantConfig, model, seqs: list, progress: bool) -> Sensitivity:
+def sensitivity_of(source: Source, config: QuantConfig, model, seqs: list, progress: bool,
+                   runner=None) -> Sensitivity:
     """The Fisher pass over the first sensitivity_sequences calibration sequences (when the
     model has an output distribution and the allocation asks for it), plus the calibration
     tokens' counts (the input embedding's row weights when there is no Fisher pass). With
     ``model`` None, a folder's model is run one block at a time (fisher_pass_blockwise: the
-    same sums, one block in memory), else loaded whole."""
+    same sums, one block in memory) by ``runner`` (or a new BlockRunner), else loaded whole."""
     from . import sensitivity as sensmod
 
     vocab_rows = {name: source.spec(name).shape[0] for name, role in source.vocab.items() if role == "input"}
     rows = next(iter(vocab_rows.values()), 0)
-    runner = None
     if model is None and config.allocation == "sensitivity":
-        runner = block_runner(source)
+        runner = runner if runner is not None else block_runner(source)
         model = runner.model if runner is not None else source.load_model()
+    else:
+        runner = None
     if config.allocation == "sensitivity" and sensmod.has_logits(model):
         limit = getattr(model.config, "max_position_embeddings", None)  # a sampled sequence has BOS in front
         fisher_seqs = [s[:limit] for s in seqs[:config.sensitivity_sequences]]
