@@ -402,3 +402,32 @@ def test_base_model_class_loads_a_causal_lm_folder(tiny, tmp_path):
     sd = eoq.read_state_dict(tmp_path / "q")
     for n, t in model.state_dict().items():
         assert torch.equal(t, sd["model." + n]), n
+
+
+def test_shards_that_do_not_match_their_index_are_refused_before_any_work(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from tinymodels import build
+
+    folder = tmp_path / "m"
+    build("llama").save_pretrained(str(folder), max_shard_size="100KB")
+    index = json.loads((folder / repo.INDEX).read_text())
+    shard = folder / sorted(set(index["weight_map"].values()))[0]
+    original = load_file(str(shard))
+    out = tmp_path / "q"
+    cfg = eoq.QuantConfig(calibration=None, awq=False)
+
+    dropped = dict(original)
+    gone = sorted(dropped)[0]
+    del dropped[gone]
+    save_file(dropped, str(shard), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"{shard.name}: does not match the shard index.*lacks 1 tensor.*{gone}"):
+        eoq.quantize_model(folder, out, cfg, progress=False, verbose=False)
+
+    save_file({**original, "stray.weight": torch.zeros(2)}, str(shard), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"{shard.name}: does not match.*holds 1 tensor.*stray.weight"):
+        eoq.quantize_model(folder, out, cfg, progress=False, verbose=False)
+
+    shard.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    with pytest.raises(ValueError, match=rf"{shard.name}: not a readable safetensors file"):
+        eoq.quantize_model(folder, out, cfg, progress=False, verbose=False)
+    assert not out.exists() and not (tmp_path / ".q.eoq-partial").exists()

@@ -224,6 +224,7 @@ class FolderSource(Source):
         model_keys = set(skeleton.state_dict())
         prefix = getattr(skeleton, "base_model_prefix", "") or ""
         self._files = self._index()
+        self._check_shards()
         self._key = {self._model_key(k, model_keys, prefix): k for k in self._files}  # output name -> checkpoint key
         for target, tied_to in self.tied.items():  # HF checkpoints store a tied pair once; list both
             if target not in self._key and tied_to in self._key:
@@ -245,6 +246,36 @@ class FolderSource(Source):
             hint = f" (found {bins}: save the model with safetensors first)" if bins else ""
             raise FileNotFoundError(f"{self.folder}: no {repo.WEIGHTS} or {repo.INDEX}{hint}")
         return repo.weight_files(self.folder)
+
+    def _check_shards(self) -> None:
+        """Every shard's header against the index, before any work: a tensor the index puts
+        in a file that lacks it, or a file holding tensors the index does not list (a shard
+        from another version of the model), is an error naming the file, not a failure an
+        hour into a conversion."""
+        from safetensors import safe_open
+
+        from . import repo
+
+        listed: dict[str, set] = {}
+        for key, file in self._files.items():
+            listed.setdefault(file, set()).add(key)
+        for file, keys in sorted(listed.items()):
+            try:
+                with safe_open(file, "pt") as f:
+                    stored = set(f.keys())
+            except Exception as e:
+                raise ValueError(f"{file}: not a readable safetensors file ({e})") from e
+            missing, extra = sorted(keys - stored), sorted(stored - keys)
+            if missing or extra:
+                what = []
+                if missing:
+                    what.append(f"lacks {len(missing)} tensor(s) the index puts there ({', '.join(missing[:3])}"
+                                f"{', ...' if len(missing) > 3 else ''})")
+                if extra:
+                    what.append(f"holds {len(extra)} tensor(s) the index does not list ({', '.join(extra[:3])}"
+                                f"{', ...' if len(extra) > 3 else ''})")
+                raise ValueError(f"{file}: does not match the shard index {self.folder / repo.INDEX}"
+                                 f": it {' and '.join(what)}")
 
     @staticmethod
     def _model_key(key: str, model_keys: set, prefix: str) -> str:
