@@ -108,9 +108,47 @@ def test_calibration_reads_the_embedding_once(tmp_path, monkeypatch):
     monkeypatch.setattr(sources.FolderSource, "get", lambda self, name: reads.append(name) or real_get(self, name))
     built = []
     real_runner = convert.block_runner
-    monkeypatch.setattr(convert, "block_runner", lambda source: built.append(1) or real_runner(source))
+    monkeypatch.setattr(convert, "block_runner", lambda *a: built.append(1) or real_runner(*a))
     stats, info, sens = convert.calibrate_model(folder, tmp_path / "calib", eoq.QuantConfig(
         calibration=str(text), calib_sequences=2, calib_seq_len=32, sensitivity_sequences=1), progress=False)
     assert sens.tokens > 0 and stats
     assert len(built) == 1
     assert reads.count("model.embed_tokens.weight") == 1
+
+
+def test_calibration_that_cannot_fit_is_refused_before_it_starts(tmp_path, monkeypatch):
+    import eoq
+    from eoq import convert
+    from tinymodels import tokenizer
+
+    folder = tokenizer(save("llama", tmp_path / "m"))
+    text = tmp_path / "calib.txt"
+    text.write_text("Some calibration text for a tiny model, over and over. " * 60)
+    cfg = eoq.QuantConfig(calibration=str(text), calib_sequences=2, calib_seq_len=32, sensitivity_sequences=1,
+                          feedback="gptq")
+    built = []
+    monkeypatch.setattr(blockwise.BlockRunner, "__init__", lambda *a, **k: built.append(1) or 1 / 0)
+    monkeypatch.setenv(blockwise.MEMORY_ENV, "64K")
+    with pytest.raises(MemoryError, match=r"calibration needs about .* GiB \(the process itself .*parameters outside the blocks .*"
+                                          r"input covariances .* the budget is 0.00 GiB \(EOQ_MEMORY_BUDGET"):
+        convert.calibrate_model(folder, tmp_path / "calib", cfg, progress=False)
+    assert not built  # refused before a single weight was read
+    monkeypatch.setenv(blockwise.MEMORY_ENV, "lots")
+    with pytest.raises(ValueError, match="EOQ_MEMORY_BUDGET='lots': expected a number of bytes"):
+        convert.calibrate_model(folder, tmp_path / "calib", cfg, progress=False)
+
+
+def test_calibration_memory_estimate_by_part(tmp_path):
+    from tinymodels import build
+
+    config = sources.open_source(save("llama", tmp_path / "m")).config
+    base = blockwise.calibration_memory(config, tokens=1000, seq_len=100, fisher_tokens=0, covariance=False)
+    more = blockwise.calibration_memory(config, tokens=2000, seq_len=100, fisher_tokens=500, covariance=True)
+    h = config.hidden_size
+    assert more["hidden states of the calibration sequences"] == 2 * base["hidden states of the calibration sequences"]
+    assert more["the Fisher pass's stored block inputs"] == 4 * (config.num_hidden_layers + 1) * 500 * h
+    assert "input covariances for error feedback (float64, all kept)" in more and len(base) == len(more) - 1
+    assert base["their gradients in the Fisher pass"] == 0 < more["their gradients in the Fisher pass"]
+    model = build("llama")
+    outside = sum(p.numel() for n, p in model.named_parameters(remove_duplicate=False) if ".layers." not in n)
+    assert base["parameters outside the blocks (float32)"] == 4 * outside

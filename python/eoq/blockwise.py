@@ -24,6 +24,11 @@ How (the layer-by-layer scheme of GPTQ's and AutoAWQ's calibration):
   5. The tail: the blocks are replaced by a replay that hands out the last block's outputs,
      and the model's own forward pass runs the final norm and the head on them.
 
+Memory: before anything is read, ``check_calibration_memory`` estimates what the run will
+hold (``calibration_memory``: by part, from the model's shapes and the calibration's token
+counts, erring high) and raises a MemoryError naming the need and the budget (MemAvailable,
+or EOQ_MEMORY_BUDGET) when it does not fit.
+
 Which inputs: every block sees the float model's activations (the float blocks before it),
 as a whole-model forward pass gives them: the same operations on the same values, so the
 statistics equal ``collect_stats`` on the loaded model bit for bit (tests/test_blockwise.py).
@@ -43,6 +48,7 @@ Traps:
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Callable, Optional
 
 import torch
@@ -227,9 +233,91 @@ class BlockRunner:
                 self.model(input_ids=ids.reshape(1, -1), use_cache=False)
 
 
+# The interpreter with torch and transformers imported, measured ~0.6-0.9 GiB anonymous
+# memory here: 1 GiB keeps the estimate on the high side.
+PROCESS_BYTES = 1 << 30
+MEMORY_ENV = "EOQ_MEMORY_BUDGET"  # bytes calibration may use (suffix K/M/G/T allowed); default MemAvailable
+
+
+def memory_budget() -> Optional[tuple[int, str]]:
+    """(bytes, where that figure comes from), or None where it cannot be known."""
+    env = os.environ.get(MEMORY_ENV)
+    if env:
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+        text = env.strip().upper().removesuffix("B")
+        try:
+            value = float(text[:-1]) * units[text[-1]] if text[-1:] in units else float(text)
+        except ValueError:
+            raise ValueError(f"{MEMORY_ENV}={env!r}: expected a number of bytes (suffix K, M, G or T allowed)") from None
+        return int(value), MEMORY_ENV
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "MemAvailable"
+    except OSError:
+        pass
+    return None
+
+
+def calibration_memory(config, tokens: int, seq_len: int, fisher_tokens: int, covariance: bool) -> dict[str, int]:
+    """What calibrating block by block holds at its peak, in bytes, by part (an estimate from
+    the model's shapes, meant to err high: 10.8 GiB against 8.6 GiB measured for the 8 B
+    shape at 256 tokens, BENCHMARKS.md): the parameters outside the blocks in float32 (and
+    their gradients in the Fisher pass),
+    the largest block with its gradients, the hidden states of the calibration sequences,
+    the Fisher pass's stored block inputs, one sequence's working set inside a block and at
+    the head, and, with error feedback, every Linear's input covariance (float64)."""
+    from .sources import model_class
+
+    with torch.device("meta"):
+        model = model_class(config)(config)
+    blocks_name, blocks = find_blocks(model)
+    outside = sum(p.numel() for n, p in model.named_parameters(remove_duplicate=False)
+                  if not n.startswith(blocks_name + "."))
+    block = max(sum(p.numel() for p in b.parameters()) for b in blocks)
+    hidden = int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0) or 1)
+    inner = int(getattr(config, "intermediate_size", 0) or 4 * hidden)
+    heads = int(getattr(config, "num_attention_heads", 0) or getattr(config, "n_head", 0) or 1)
+    vocab = int(getattr(config, "vocab_size", 0) or 1)
+    need = {
+        "the process itself (torch, transformers)": PROCESS_BYTES,
+        "parameters outside the blocks (float32)": 4 * outside,
+        "their gradients in the Fisher pass": 4 * outside if fisher_tokens else 0,
+        "the largest block and its gradients (float32)": 8 * block,
+        "hidden states of the calibration sequences": 2 * 4 * tokens * hidden,
+        "the Fisher pass's stored block inputs": 4 * (len(blocks) + 1) * fisher_tokens * hidden,
+        "one sequence inside a block and at the head": 4 * seq_len * (4 * inner + 8 * hidden + heads * seq_len
+                                                                          + 3 * vocab),
+    }
+    if covariance:  # at most one n x n matrix per Linear (inputs shared by several count once in fact)
+        need["input covariances for error feedback (float64, all kept)"] = sum(
+            8 * m.in_features ** 2 for m in model.modules() if isinstance(m, torch.nn.Linear))
+    return need
+
+
+def check_calibration_memory(name: str, config, tokens: int, seq_len: int, fisher_tokens: int,
+                             covariance: bool) -> None:
+    """A MemoryError naming the need and the budget when calibration would not fit, before it
+    starts (a run killed by the kernel an hour in tells the user nothing)."""
+    budget = memory_budget()
+    if budget is None:
+        return
+    need = calibration_memory(config, tokens, seq_len, fisher_tokens, covariance)
+    total = sum(need.values())
+    if total <= budget[0]:
+        return
+    gib = 1 << 30
+    parts = "; ".join(f"{k} {v / gib:.2f} GiB" for k, v in need.items())
+    raise MemoryError(f"{name}: calibration needs about {total / gib:.2f} GiB ({parts}) and the budget is "
+                      f"{budget[0] / gib:.2f} GiB ({budget[1]}; set {MEMORY_ENV} to change it). Use fewer or "
+                      f"shorter calibration sequences (calib_sequences, calib_seq_len, sensitivity_sequences)"
+                      + (", or convert without error feedback" if covariance else "") + ".")
+
+
 def _default_attention(model) -> str:
     """What from_pretrained would pick: sdpa when the model supports it, else eager."""
     return "sdpa" if getattr(model, "_supports_sdpa", False) else "eager"
 
 
-__all__ = ["BlockRunner", "NoBlocks", "find_blocks"]
+__all__ = ["BlockRunner", "NoBlocks", "find_blocks", "calibration_memory", "check_calibration_memory", "memory_budget"]

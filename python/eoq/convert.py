@@ -369,7 +369,9 @@ def calibrate(source: Source, config: QuantConfig, root: pathlib.Path, progress:
         seqs = cal.token_sequences(text, source.tokenizer, config.calib_sequences, config.calib_seq_len)
         model = None
         # One empty model for both passes: its embedding and head are read from the files once
-        runner = block_runner(source) if stats is None or (want_sens and config.allocation == "sensitivity") else None
+        fisher = want_sens and config.allocation == "sensitivity"
+        runner = block_runner(source, seqs, seqs[:config.sensitivity_sequences] if fisher else [],
+                              covariance and stats is None) if stats is None or fisher else None
         if stats is None:
             stats, model = activation_stats(source, seqs, covariance, progress, runner)
         shape = (len(seqs), config.calib_seq_len)
@@ -396,14 +398,18 @@ def calibrate(source: Source, config: QuantConfig, root: pathlib.Path, progress:
                                (config.calib_sequences, config.calib_self_len), path, info_path, sens_path)
 
 
-def block_runner(source: Source):
-    """A BlockRunner over a folder's model, or None (a model in memory, or no repeated blocks)."""
-    from .blockwise import BlockRunner, NoBlocks
+def block_runner(source: Source, seqs: list = (), fisher_seqs: list = (), covariance: bool = False):
+    """A BlockRunner over a folder's model, or None (a model in memory, or no repeated blocks).
+    First, a MemoryError if calibrating on these sequences would not fit the memory there is
+    (blockwise.check_calibration_memory)."""
+    from .blockwise import BlockRunner, NoBlocks, check_calibration_memory
     from .sources import FolderSource
 
     if not isinstance(source, FolderSource):
         return None
     try:
+        check_calibration_memory(source.name, source.config, sum(len(s) for s in seqs),
+                                 max((len(s) for s in seqs), default=0), sum(len(s) for s in fisher_seqs), covariance)
         return BlockRunner(source)
     except NoBlocks:
         return None
