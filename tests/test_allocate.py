@@ -86,6 +86,26 @@ def test_rd_curve_matches_ecsq_at_its_rates():
     assert err == pytest.approx(d, rel=0.05)
 
 
+@pytest.mark.parametrize("rows_weighted", [False, True])
+def test_rd_curve_of_a_sample_of_rows_is_the_whole_tensors(monkeypatch, rows_weighted):
+    """Above CURVE_SAMPLE weights the curve is measured on evenly spaced rows: its rates and
+    relative distortions stay those of the whole tensor (rows of different scales, input
+    channels of different importance, and an embedding's row weights)."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(1024, 256, generator=g) * torch.rand(1024, 1, generator=g).add(0.2)
+    imp = torch.rand(256, generator=g).pow(3).add(1e-3)
+    rows_w = torch.rand(1024, generator=g).pow(4) * 50 if rows_weighted else None
+    args = dict(importance=imp, seed=1, min_bits=2.0, max_bits=8.0, row_importance=rows_w,
+                row_tokens=2000 if rows_weighted else None)
+    full = allocate.rd_curve(w, **args)
+    monkeypatch.setattr(allocate, "CURVE_SAMPLE", 256 * 128)  # an eighth of the rows
+    sample = allocate.rd_curve(w, **args)
+    for r in (2.5, 4.0, 6.0):  # the distortion at equal rate, read off both curves
+        d_full = allocate.hull_value(*full, r)
+        d_sample = allocate.hull_value(*sample, r)
+        assert d_sample == pytest.approx(d_full, rel=0.04), r  # measured within 2 %
+
+
 def test_rd_curve_with_feedback_is_the_feedback_quantizers():
     """With the inputs' covariance the curve is error feedback's: its relative output error at
     a rate is what ecsq with feedback reaches there (within the interpolation between points),

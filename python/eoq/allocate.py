@@ -85,6 +85,12 @@ FEEDBACK_POINTS = 16  # with feedback, points measured per curve (~0.55 bit apar
                       # costs a GPTQ pass and an output-error product, rows * cols^2 flops each
 FEEDBACK_MARGIN = 0.5  # bits: how far outside [min_bits, max_bits] feedback's points may start
 SIG_DIGITS = 9       # distortions are rounded to this many significant digits (thread-count proof)
+# A plain curve is measured on at most this many weights: evenly spaced rows of a larger
+# tensor. The rate is an entropy of a distribution and the relative distortion a mean, both
+# estimated from 2^20 values to ~0.01 bit and ~0.1 % (tests/test_allocate.py checks a sample
+# against the whole); measuring every weight of an 8 B model's 32 steps was most of a
+# conversion's time.
+CURVE_SAMPLE = 1 << 20
 
 
 def round_sig(x: float) -> float:
@@ -101,8 +107,18 @@ def rd_curve(w: torch.Tensor, importance: Optional[torch.Tensor] = None, block_s
     With ``hessian`` (the inputs' covariance) the points are those of error feedback
     (ecsq.Problem.rate_and_output_error), at FEEDBACK_POINTS of the steps (module docstring)."""
     w = w.float()
-    p = ecsq.Problem(w, block_size, seed, importance, row_importance=row_importance, row_tokens=row_tokens)
     n = w.numel()
+    rows = w.shape[0]
+    scale_to = None
+    if hessian is None and n > CURVE_SAMPLE and rows > 1:  # a sample of rows (CURVE_SAMPLE)
+        idx = torch.linspace(0, rows - 1, max(2, CURVE_SAMPLE // w.shape[1])).round().long().unique()
+        w = w[idx]
+        if row_importance is not None:  # the sampled rows keep their weights; the prior its strength
+            row_importance = torch.as_tensor(row_importance).reshape(-1)[idx]
+            row_tokens = (row_tokens or rows) * idx.numel() / rows
+    p = ecsq.Problem(w, block_size, seed, importance, row_importance=row_importance, row_tokens=row_tokens)
+    if w.shape[0] < rows:
+        scale_to = (rows * p.padded, rows if p.m is not None else p.stored_steps)
     energy = p.energy() or 1.0
     # The finest step: where a Gaussian of the rows' RMS would cost max_bits + TOP_MARGIN bits
     # (h = log2(rms / step) + 2.05), no finer than ecsq's own floor p.lo.
@@ -110,7 +126,7 @@ def rd_curve(w: torch.Tensor, importance: Optional[torch.Tensor] = None, block_s
     finest = max(p.lo, min(rms * 2.0 ** (2.05 - max_bits - TOP_MARGIN), p.hi / 2))
     lo, hi = torch.tensor([finest, p.hi]).log().tolist()  # float32, as the grid itself
     steps = [max(s, p.lo) for s in torch.linspace(lo, hi, GRID).exp().tolist()]
-    plain = [p.rate_and_spread_distortion(s) for s in steps]
+    plain = [p.rate_and_spread_distortion(s, scale_to) for s in steps]
     if hessian is None:
         pts = [(bits / n, round_sig(dist / energy)) for bits, dist in plain]
     else:

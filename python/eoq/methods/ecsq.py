@@ -133,14 +133,15 @@ def coded_bits(q: torch.Tensor) -> float:
     return code_entropy_bits(hi) * n + 8 * (-(-n * k // 8)) + stream_overhead_bits(n, int(hi.max()) + 1)
 
 
-def counts_coded_bits(counts: torch.Tensor) -> float:
+def counts_coded_bits(counts: torch.Tensor, n: Optional[int] = None) -> float:
     """coded_bits of the codes a histogram counts (int64, one bin per level, consecutive
-    levels; empty bins at either end allowed): the same number, without the codes."""
+    levels; empty bins at either end allowed): the same number, without the codes. With
+    ``n``: the estimate for n codes distributed as the counted ones (counts from a sample)."""
     live = torch.nonzero(counts).reshape(-1)
     if not live.numel():
         return 0.0
     counts = counts[int(live[0]):int(live[-1]) + 1]
-    n, span = int(counts.sum()), counts.numel()
+    n, span = int(counts.sum()) if n is None else int(n), counts.numel()
     k = low_bits_for(span)
     if k:  # hi = level >> k: 2^k neighbouring levels share a symbol
         counts = torch.nn.functional.pad(counts, (0, -span % (1 << k))).reshape(-1, 1 << k).sum(1)
@@ -208,15 +209,18 @@ class Problem:
         cols = self.w.shape[1]
         return weighted_error(self.w[sl], rotation.unrotate(xh, self.block, cols, self.seed), self.imp, rows_w)
 
-    def rate_and_spread_distortion(self, step) -> tuple[float, float]:
+    def rate_and_spread_distortion(self, step, scale_to: Optional[tuple[int, int]] = None) -> tuple[float, float]:
         """(total_bits, weighted distortion) of the whole tensor at one step, from one rounding.
         The distortion is measured in the rotated domain: sum_i rho_i ||e_i||^2 * mean_c E[a_c^2]
         * cols / padded. A random rotation spreads each row's error evenly over its columns, so
         this is the expectation of the exact distortion() without the inverse rotation and the
         float64 copies (what makes a rate-distortion curve of a whole model affordable;
-        eoq.allocate); measured within 0.1 % of it on Gaussian rows."""
+        eoq.allocate); measured within 0.1 % of it on Gaussian rows. ``scale_to`` = (codes,
+        stored steps) of the whole tensor when these rows are a sample of it: the bits are
+        then the whole tensor's (the distortion stays the sample's)."""
         h = ops.code_histogram(self.x, step, self.range)
-        bits = counts_coded_bits(h.hist) + 32 * self.stored_steps
+        codes, stored_steps = scale_to if scale_to is not None else (None, self.stored_steps)
+        bits = counts_coded_bits(h.hist, codes) + 32 * stored_steps
         e = h.row_error
         if self.m is not None:
             e = e * self.m.reshape(-1).double().pow(2)
