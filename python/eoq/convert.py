@@ -839,7 +839,6 @@ def _convert(model_or_path, out: pathlib.Path, config: QuantConfig, executor, *,
         """Store `names` (their bits from `bits` where given), each saved as its result comes in."""
         for name in [n for n in names if plans[n]["action"] == "tied"]:  # no data: the header says it all
             store(name, tied_entry(source, config, name, plans[name]), {})
-            bar.update(specs[name].numel())
         work = [n for n in names if plans[n]["action"] != "tied"]
         jobs = (tensor_job(source, config, n, {**plans[n], **({"bits": bits[n]} if bits and n in bits else {})},
                            stats, sensitivity) for n in work)
@@ -847,7 +846,8 @@ def _convert(model_or_path, out: pathlib.Path, config: QuantConfig, executor, *,
             store(work[i], entry, tensors)
             bar.update(specs[work[i]].numel())
 
-    with weights_bar(source, first, "fixed tensors", progress) as bar:
+    # the bar counts the weights there is work for (a tied parameter has none)
+    with weights_bar(source, [n for n in first if plans[n]["action"] != "tied"], "fixed tensors", progress) as bar:
         convert(first, bar)  # passthrough, protect rules, ties: their real size comes off the budget
     allocation = None
     rates = None
