@@ -217,7 +217,7 @@ def row_importance_for(source: Source, sens: Optional[Sensitivity], name: str) -
 # (eoq.executor). Waves hold CARRY_WAVE tensors (32: enough work for a cluster), except the
 # last ones, which halve down to a single tensor (..., 32, 16, 8, 4, 2, 1): the last wave's
 # shortfall has nowhere to go, so it must be one tensor's, as when every tensor passed its
-# shortfall to the next. Equal waves of 32 missed the budget by 0.9 % on a 16-tensor model
+# shortfall to the next. Equal waves of 32 missed the budget by 0.86 % on a 16-tensor model
 # (one wave: nothing carried); the taper costs log2(32) = 5 small waves at the end.
 CARRY_WAVE = 32
 
