@@ -23,7 +23,7 @@ SOURCES := $(wildcard cpp/*.cpp cpp/*.h python/eoq/*.py) CMakeLists.txt pyprojec
 $(DEPS): Makefile
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q numpy scikit-build-core pybind11 ninja pytest gguf tqdm nbclient nbformat ipykernel transformers accelerate safetensors atheris
+	$(PIP) install -q numpy scikit-build-core pybind11 ninja pytest gguf tqdm nbclient nbformat ipykernel transformers accelerate safetensors atheris ray
 	touch $@
 
 $(VENV)/.install-stamp: $(DEPS) $(SOURCES)

@@ -51,8 +51,10 @@ How:
      rates then add up to the budget exactly.
   4. Each tensor is then quantized by ecsq with its rate as the ``bits`` target, which ecsq
      meets from below (within 1e-4 relative on large tensors; a tiny tensor's rate moves in
-     steps), and what it leaves unspent is added to the next tensor's target
-     (eoq.convert), so the model lands on the budget from below, within 0.5 %.
+     steps), and what it leaves unspent is passed on: the tensors are quantized in waves
+     (eoq.convert.CARRY_WAVE, tapering to one tensor at the end) and what the earlier waves
+     left unspent is spread over the next wave's targets, so the model lands on the budget
+     from below, within 0.5 %, while a wave's tensors run in parallel.
 
 Traps:
   * Distortions are sums of squares whose last bits depend on how torch splits a reduction

@@ -80,6 +80,12 @@ def quantize_parser(sub) -> None:
     p.add_argument("--gguf-file", help="the GGUF file inside MODEL when MODEL is a folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--threads", type=int, help="torch threads (the output does not depend on it)")
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="where the per-tensor work runs: this process (default) or Ray tasks (pip install eoq[ray]; "
+                        "every node must see the input and output folders at the same paths); the output is the "
+                        "same bytes either way")
+    p.add_argument("--ray-address", metavar="HOST:PORT",
+                   help="the Ray cluster to use with --executor ray (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run_quantize)
 
@@ -120,8 +126,10 @@ def run_quantize(a) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     config = config_from_args(a)
+    if a.ray_address and a.executor != "ray":
+        raise ValueError("--ray-address needs --executor ray")
     quantize_model(a.model, a.output, config, gguf_file=a.gguf_file, overwrite=a.overwrite,
-                   progress=not a.no_progress)
+                   progress=not a.no_progress, executor=a.executor, ray_address=a.ray_address)
     print(f"wrote {a.output}")
     return 0
 

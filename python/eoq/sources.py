@@ -11,6 +11,7 @@ GGUF loader (dequantized into memory, as transformers does); its ``quantization_
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 import shutil
@@ -104,6 +105,11 @@ class Source:
         """The tensor's shape and dtype on the meta device, without reading its data."""
         return self.get(name).to("meta")
 
+    def ref(self, name: str):
+        """What a job running elsewhere (a Ray task) needs to get the tensor: here the tensor
+        itself; a folder gives a TensorRef, read where the job runs (``resolve``)."""
+        return self.get(name)
+
     def load_model(self):
         """The model in memory (for calibration)."""
         raise NotImplementedError
@@ -181,6 +187,30 @@ def gguf_base_model(path: pathlib.Path) -> Optional[str]:
     if org and name and is_hub_id(f"{org}/{name}".replace(" ", "-")):
         return f"{org}/{name}".replace(" ", "-")
     return None
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRef:
+    """A tensor in a safetensors file, by path and checkpoint key: a job carries this instead of
+    the data, and the worker reads the tensor itself from storage every node sees."""
+    file: str
+    key: str
+
+
+def read_tensor(file: str, key: str) -> torch.Tensor:
+    """One tensor of a safetensors file; a clear error naming the file and the key."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(file, "pt") as f:
+            return f.get_tensor(key)
+    except Exception as e:
+        raise ValueError(f"{file}: cannot read tensor {key!r} ({e})") from e
+
+
+def resolve(ref) -> torch.Tensor:
+    """The tensor a Source.ref stands for."""
+    return read_tensor(ref.file, ref.key) if isinstance(ref, TensorRef) else ref
 
 
 class ModelSource(Source):
@@ -303,6 +333,10 @@ class FolderSource(Source):
 
     def get(self, name):
         return self._read(name, "tensor", lambda f, key: f.get_tensor(key))
+
+    def ref(self, name):
+        key = self._key[name]
+        return TensorRef(str(pathlib.Path(self._files[key]).absolute()), key)
 
     def spec(self, name):
         def header(f, key):
