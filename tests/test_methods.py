@@ -335,3 +335,29 @@ def test_row_importance_with_awq_and_bad_input():
     # A fixed-rate method quantizes rows independently: row weights cannot change its codes.
     a = eoq.quantize_tensor(w, "absmax", 4, row_importance=_row_weights(300))
     assert torch.equal(a.codes, eoq.quantize_tensor(w, "absmax", 4).codes)
+
+
+@pytest.mark.parametrize("bracket", [0.03, 1e-7])  # the default, and one the answer always falls outside
+@pytest.mark.parametrize("bits", [2.5, 4.0, 7.0])
+def test_ecsq_step_search_from_a_sample_meets_the_rate_as_the_full_search(monkeypatch, bits, bracket):
+    """Large tensors start the step search from a sample of rows (_solve_bracketed): the rate
+    is met from below as closely as the full search meets it, also when the answer lies outside
+    the sample's bracket (either side)."""
+    from eoq.methods import ecsq
+
+    g = torch.Generator().manual_seed(8)
+    w = torch.randn(512, 512, generator=g) * torch.rand(512, 1, generator=g).add(0.3)
+    full = ecsq.quantize(w, bits, seed=2, recon=False)
+    monkeypatch.setattr(ecsq, "SEARCH_SAMPLE", 512 * 16)
+    monkeypatch.setattr(ecsq, "SEARCH_BRACKET", bracket)
+    calls = []
+    real = ecsq._solve
+    monkeypatch.setattr(ecsq, "_solve", lambda *a, **k: calls.append(a[1:3]) or real(*a, **k))
+    sampled = ecsq.quantize(w, bits, seed=2, recon=False)
+    assert len(calls) >= 2  # the sample's search, then the whole tensor's
+    assert sampled.meta["rate_limited"] is full.meta["rate_limited"] is False
+    # both searches stop within 1e-4 of the target rate: the same step within a few 1e-4
+    assert float(sampled.side["steps"][0]) == pytest.approx(float(full.side["steps"][0]), rel=2e-3)
+    target = bits * w.numel() / 8
+    for qt in (full, sampled):  # met from below, within 0.5 %
+        assert 0.995 * target <= qt.stored_bytes() <= target
