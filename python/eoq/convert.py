@@ -298,7 +298,8 @@ def cached_curve(folder: pathlib.Path, args: tuple) -> tuple[list[float], list[f
     """allocate.rd_curve(*args), kept in `folder` under a hash of every input (the weight, its
     statistics, the settings, eoq's version): a budget sweep over one model measures each
     curve once."""
-    h = hashlib.sha256(f"{_version()} {allocate.GRID} {allocate.FEEDBACK_POINTS} {args[2:4]} {args[4:6]} {args[7]} "
+    h = hashlib.sha256(f"{_version()} {allocate.GRID} {allocate.FEEDBACK_POINTS} {allocate.CURVE_SAMPLE} "
+                       f"{args[2:4]} {args[4:6]} {args[7]} "
                        f"{args[9:11]}".encode())
     for t in (args[0], args[1], args[6], args[8]):
         h.update(b"-" if t is None else memoryview(t.detach().float().contiguous().numpy()).cast("B"))
