@@ -4,7 +4,7 @@
     python bench/bench_scale.py [--models llama1b,llama8b,tiny] [--what calibration,datafree,calibrated]
         [--sequences 4] [--seq-len 256] [--fisher-sequences 2] [--modes whole,blocks]
         [--calib-text PATH] [--threads N] [--repeat R] [--timeout S] [--cache DIR] [--workdir DIR]
-        [--json PATH]
+        [--executor local|ray] [--json PATH]
 
     # the whole data-free conversion of the 1 B model against llama-quantize Q4_K_M:
     python bench/bench_scale.py --models llama1b --what datafree --threads 2 --json R.json
@@ -187,9 +187,15 @@ def convert_child(spec: dict) -> dict:
         if hasattr(convert, name):
             setattr(convert, name, timed(name, getattr(convert, name)))
     config = eoq.QuantConfig(**spec["config"])
+    executor = spec.get("executor") or "local"
+    if executor == "ray":  # a local cluster of --threads CPUs, started before the clock (as a cluster would be)
+        import ray
+
+        ray.init(num_cpus=spec.get("threads") or os.cpu_count(), include_dashboard=False, log_to_driver=False)
     peaks = _Peaks()
     t0 = time.perf_counter()
-    manifest = eoq.quantize_model(spec["folder"], spec["out"], config, progress=False, verbose=False)
+    manifest = eoq.quantize_model(spec["folder"], spec["out"], config, progress=False, verbose=False,
+                                  executor=executor)
     total = time.perf_counter() - t0
     p = peaks.stop()
     entries = manifest["tensors"].values()
@@ -360,7 +366,8 @@ def run_eoq(what: str, folder: pathlib.Path, work: pathlib.Path, a) -> dict:
     config = ({"calibration": None, "awq": False} if what == "datafree" else
               {"calibration": str(a.calib_text), "calib_sequences": a.sequences, "calib_seq_len": a.seq_len,
                "sensitivity_sequences": a.fisher_sequences})
-    spec = {"kind": "convert", "folder": str(folder), "out": str(out), "config": config, "threads": a.threads}
+    spec = {"kind": "convert", "folder": str(folder), "out": str(out), "config": config, "threads": a.threads,
+            "executor": a.executor}
     warm(safetensors_files(folder))
     log = work / f"eoq-{what}.log"
     r = run_timed([sys.executable, os.path.abspath(__file__), CHILD_FLAG, json.dumps(spec)], log, timeout=a.timeout)
@@ -368,7 +375,7 @@ def run_eoq(what: str, folder: pathlib.Path, work: pathlib.Path, a) -> dict:
         r.update(json.loads(log.read_text().strip().splitlines()[-1]))
     for d in (out, partial):
         shutil.rmtree(d, ignore_errors=True)
-    return {"config": config, **r}
+    return {"config": config, "executor": a.executor, **r}
 
 
 def run_llama(what: str, f16: pathlib.Path, tools: dict, work: pathlib.Path, a) -> dict:
@@ -441,7 +448,7 @@ def print_conversion_tables(rows: list, a) -> None:
     gib = 2 ** 30
     print(f"\n# whole conversions against llama.cpp ({QTYPE}), same weights, timed one right after the other; "
           f"threads {a.threads or 'default'}; calibrated: {a.sequences} x {a.seq_len} tokens, Fisher on "
-          f"{a.fisher_sequences}; median of {a.repeat} pair(s)\n")
+          f"{a.fisher_sequences}; eoq executor {a.executor}; median of {a.repeat} pair(s)\n")
     print("| model | what | eoq s | eoq peak RSS GiB | baseline | baseline s | baseline peak RSS GiB | ratio | goal |")
     print("|---|---|---:|---:|---|---:|---:|---:|---|")
     for r in rows:
@@ -498,6 +505,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", help="cache folder (default: $EOQ_CACHE, else ~/.cache/eoq)")
     ap.add_argument("--workdir", help="outputs, deleted after each run (default <cache>/bench_load/scale-work)")
     ap.add_argument("--timeout", type=float, help="seconds after which an eoq conversion child is killed")
+    ap.add_argument("--executor", choices=("local", "ray"), default="local",
+                    help="where eoq's per-tensor work runs: this process, or a local Ray cluster of --threads CPUs "
+                         "(one torch thread per task; peak RSS is then the driver's alone)")
     ap.add_argument("--json")
     a = ap.parse_args(argv)
     from eoq import testmodels

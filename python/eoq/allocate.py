@@ -112,12 +112,12 @@ def rd_curve(w: torch.Tensor, importance: Optional[torch.Tensor] = None, block_s
     n = w.numel()
     rows = w.shape[0]
     scale_to = None
-    if hessian is None and n > CURVE_SAMPLE and rows > 1:  # a sample of rows (CURVE_SAMPLE)
+    # A sample of rows (CURVE_SAMPLE), except for a vocabulary tensor: its row weights (token
+    # frequencies) are so skewed that a few rows carry most of the weighted distortion, which
+    # evenly spaced rows would mostly miss; it is measured whole.
+    if hessian is None and n > CURVE_SAMPLE and rows > 1 and row_importance is None:
         idx = torch.linspace(0, rows - 1, max(2, CURVE_SAMPLE // w.shape[1])).round().long().unique()
         w = w[idx]
-        if row_importance is not None:  # the sampled rows keep their weights; the prior its strength
-            row_importance = torch.as_tensor(row_importance).reshape(-1)[idx]
-            row_tokens = (row_tokens or rows) * idx.numel() / rows
     p = ecsq.Problem(w, block_size, seed, importance, row_importance=row_importance, row_tokens=row_tokens)
     if w.shape[0] < rows:
         scale_to = (rows * p.padded, rows if p.m is not None else p.stored_steps)
