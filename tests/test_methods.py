@@ -142,30 +142,6 @@ def test_awq_lowers_activation_weighted_error(method):
         assert awq.bits_per_weight() <= bits  # the AWQ scales are inside the rate
 
 
-def test_awq_coarse_to_fine_search_finds_the_grids_best():
-    from eoq import awq as awqmod
-
-    # any unimodal error over the grid: the 9-point search lands on the 21-point argmin
-    for target in awqmod.ALPHAS:
-        for width in (0.02, 0.3, 3.0):
-            seen = []
-
-            def error_at(a):
-                seen.append(a)
-                return abs(a - target) ** 1.5 * width
-
-            assert awqmod._coarse_to_fine(error_at) == target
-            assert len(set(seen)) <= 9
-    # a flat error keeps the smallest alpha, as a scan of the grid in order does
-    assert awqmod._coarse_to_fine(lambda a: 1.0) == 0.0
-    # on a real layer: the same alpha, and the same bytes, as measuring all 21
-    w, imp = outlier_layer(2)
-    fast = eoq.quantize_tensor(w, "ecsq", 3, importance=imp, awq=True)
-    full = eoq.quantize_tensor(w, "ecsq", 3, importance=imp, awq=True, alphas=list(awqmod.ALPHAS))
-    assert fast.meta["awq_alpha"] == full.meta["awq_alpha"]
-    assert torch.equal(fast.codes, full.codes)
-
-
 def test_absmax_importance_search_lowers_weighted_error():
     w, imp = outlier_layer(1)
     plain = eoq.quantize_tensor(w, "absmax", 3)

@@ -4,10 +4,8 @@ Activation-aware weight quantization (Lin et al., 2023) scales input channel c o
 weight by s_c before quantizing and by 1/s_c after, so channels that see large activations
 are quantized more finely. Here s_c = E[a_c^2]^(alpha/2) (the RMS activation to the power
 alpha, from calibration statistics), normalised to geometric mean 1 and stored in fp16;
-alpha is searched over a grid of 21 values in [0, 1], coarse to fine (9 of them measured:
-the same choice as all 21 on every layer measured; error feedback's grid of 6 is measured
-whole), and against no scales at all (their 16 bits a column spent on the codes, for a rate
-target; ``awq_none=False`` leaves that out), to minimise the activation-weighted output
+alpha is grid-searched over 21 values in [0, 1] (6 with error feedback), and against no scales at all (their 16 bits a
+column spent on the codes, for a rate target; ``awq_none=False`` leaves that out), to minimise the activation-weighted output
 error sum_c E[a_c^2] ||W[:, c] - W_hat[:, c]||^2 of the method actually used (alpha = 0 is
 the method without AWQ). Inside the search the method sees importance E[a_c^2] / s_c^2: the
 same error, expressed on the scaled weight. With error feedback (a ``hessian`` option) the
@@ -27,7 +25,6 @@ import torch
 from .quantized import QuantizedTensor, weighted_error
 
 ALPHAS = tuple(i / 20 for i in range(21))
-COARSE = (0.0, 0.25, 0.5, 0.75, 1.0)  # where the search over ALPHAS starts (_coarse_to_fine)
 # With error feedback every candidate costs a factorization of its scaled covariance and a
 # rate search with feedback: a coarser grid (the error is flat near its minimum in alpha).
 FEEDBACK_ALPHAS = tuple(i / 5 for i in range(6))
@@ -65,16 +62,12 @@ def awq_quantize(impl, w: torch.Tensor, bits, block_size, importance: torch.Tens
             return _output_error(sample, w_hat, hessian, rows_w)
         return weighted_error(sample, w_hat, importance, None if rows_w is None else torch.as_tensor(rows_w))
 
-    errors: dict[float, float] = {}
-
-    def error_at(alpha):
-        if alpha not in errors:
-            errors[alpha] = error(_quantize_scaled(impl, sample, bits, block_size, importance, seed, name, alpha,
-                                                   sample_options).dequantize(torch.float32))
-        return errors[alpha]
-
-    best_alpha = _coarse_to_fine(error_at) if alphas is ALPHAS else min(alphas, key=error_at)
-    best_err = errors[best_alpha]
+    best_alpha, best_err = None, None
+    for alpha in alphas:
+        err = error(_quantize_scaled(impl, sample, bits, block_size, importance, seed, name, alpha,
+                                     sample_options).dequantize(torch.float32))
+        if best_err is None or err < best_err:
+            best_alpha, best_err = alpha, err
     # No scales at all, their bits spent on the codes instead: where AWQ does not pay for its
     # side data (a small layer, or feedback already doing the work), this wins.
     none_err = error(impl.quantize(sample, full_bits, block_size=block_size, importance=importance, seed=seed,
@@ -86,19 +79,6 @@ def awq_quantize(impl, w: torch.Tensor, bits, block_size, importance: torch.Tens
     qt = _quantize_scaled(impl, w, bits, block_size, importance, seed, name, best_alpha, options)
     qt.meta["awq_alpha"] = best_alpha
     return qt
-
-
-def _coarse_to_fine(error_at) -> float:
-    """The alpha of ALPHAS with the least error, found in 9 evaluations instead of 21: the best
-    of COARSE, then of it and its neighbours 0.1 away, then 0.05 away (ties keep the smaller
-    alpha, as a scan of the grid in order would). Measured on SmolLM2-135M-dithered's
-    Linears with their calibration statistics (42 tensors at 3 and 4 bits): the same alpha
-    as the full grid in all 126 cases."""
-    best = min(COARSE, key=lambda a: (error_at(a), a))
-    for d in (0.1, 0.05):
-        near = [a for a in (round(best - d, 2), best, round(best + d, 2)) if 0.0 <= a <= 1.0]
-        best = min(near, key=lambda a: (error_at(a), a))
-    return best
 
 
 def _output_error(w, w_hat, hessian, rows_w=None) -> float:
