@@ -368,14 +368,21 @@ std::tuple<int64_t, Tensor, c10::optional<Tensor>> code_histogram(const Tensor& 
 }
 
 // ecsq's fitted-reconstruction sums (code_histogram.h recon_sums): float64 [3 top + 1].
-Tensor recon_sums(const Tensor& x, const Tensor& q, const Tensor& row_step, int64_t top) {
+// `start`: sums to add onto (the previous row chunk's), else zeros.
+Tensor recon_sums(const Tensor& x, const Tensor& q, const Tensor& row_step, int64_t top,
+                  const c10::optional<Tensor>& start) {
   require_f32(x, 2, "x");
   require_f32(q, 2, "q");
   require_f32(row_step, 1, "row_step");
   require(q.sizes() == x.sizes(), "q must have x's shape");
   require(row_step.numel() == x.size(0), "row_step must hold one step per row");
   require(top >= 1 && top <= 64, "top must be in 1..64");
-  Tensor sums = torch::empty({3 * top + 1}, torch::kFloat64);
+  Tensor sums = torch::zeros({3 * top + 1}, torch::kFloat64);
+  if (start.has_value()) {
+    require(start->scalar_type() == torch::kFloat64 && start->dim() == 1 && start->numel() == 3 * top + 1,
+            "start must be float64 [3 top + 1]");
+    sums.copy_(*start);
+  }
   py::gil_scoped_release nogil;
   eoq::recon_sums(x.data_ptr<float>(), q.data_ptr<float>(), row_step.data_ptr<float>(), x.size(0), x.size(1),
                   static_cast<int>(top), sums.data_ptr<double>());
@@ -418,7 +425,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("crc32c", &crc32c, py::arg("data"), py::arg("portable") = false, py::arg("value") = 0u);
   m.def("gptq_quantize", &gptq_quantize);
   m.def("code_histogram", &code_histogram);
-  m.def("recon_sums", &recon_sums);
+  m.def("recon_sums", &recon_sums, py::arg("x"), py::arg("q"), py::arg("row_step"), py::arg("top"),
+        py::arg("start") = py::none());
   m.attr("RANS_DEFAULT_SCALE_BITS") = eoq::rans::kDefaultScaleBits;
   m.attr("RANS_DEFAULT_CHUNK") = eoq::rans::kDefaultChunk;
 }

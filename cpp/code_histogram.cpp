@@ -130,7 +130,8 @@ void recon_sums(const float* x, const float* q, const float* row_step, int64_t r
       out[width - 1] = w * before;
     }
   });
-  for (int64_t k = 0; k < width; ++k) sums[k] = 0;
+  // added to what sums holds, row after row: a tensor taken in row chunks, each call adding
+  // onto the last one's sums, gives the very additions (and bits) one call on all rows gives
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t k = 0; k < width; ++k) sums[k] += per_row[static_cast<size_t>(r * width + k)];
 }

@@ -54,7 +54,8 @@ namespace eoq {
 //     sums[3 (m-1) + 2] = sum w t^2
 // and sums[3 top] = sum over every value of w (t - q)^2 (the midpoints' error). All in
 // float64; each row is summed in column order by one thread, the rows then added in row
-// order, so the sums are the same at any thread count.
+// order, so the sums are the same at any thread count. The rows' sums are *added* to what
+// `sums` holds (zeros for one call; the last chunk's sums when a tensor comes in row chunks).
 void recon_sums(const float* x, const float* q, const float* row_step, int64_t rows, int64_t cols, int top,
                 double* sums);
 

@@ -126,3 +126,18 @@ def test_recon_sums_match_reference(top):
     finally:
         torch.set_num_threads(old)
     assert torch.equal(one, got)
+
+
+def test_recon_sums_in_row_chunks_are_the_one_call_bit_for_bit():
+    """A streamed tensor (ecsq.CHUNK_VALUES) adds each chunk onto the last one's sums."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(97, 130, generator=g)
+    row_step = torch.rand(97, generator=g) * 0.5 + 0.2
+    q = torch.round(x / row_step.reshape(-1, 1))
+    whole = ops.recon_sums(x, q, row_step, 3)
+    sums = None
+    for r0 in range(0, 97, 10):
+        sums = ops.recon_sums(x[r0:r0 + 10], q[r0:r0 + 10], row_step[r0:r0 + 10], 3, start=sums)
+    assert torch.equal(sums, whole)
+    with pytest.raises(ValueError, match="start"):
+        ops.recon_sums(x, q, row_step, 3, start=torch.zeros(4))

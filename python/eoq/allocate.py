@@ -74,6 +74,7 @@ from typing import Optional
 import torch
 
 from .methods import ecsq
+from .quantized import evenly_spaced_rows
 
 GRID = 32            # steps per curve: rates ~0.35 bit apart from 0 to max_bits + 2 bits/weight
 TOP_MARGIN = 2.0     # the finest step is aimed at max_bits + 2 (the Gaussian estimate's margin)
@@ -108,7 +109,7 @@ def rd_curve(w: torch.Tensor, importance: Optional[torch.Tensor] = None, block_s
     (an embedding's or head's) is used as ecsq uses it: row steps, and rows weighted in D.
     With ``hessian`` (the inputs' covariance) the points are those of error feedback
     (ecsq.Problem.rate_and_output_error), at FEEDBACK_POINTS of the steps (module docstring)."""
-    w = w.float()
+    w = w if ecsq.streams(w.numel(), hessian) and w.element_size() == 2 else w.float()  # streamed: bf16 kept
     n = w.numel()
     rows = w.shape[0]
     scale_to = None
@@ -116,15 +117,15 @@ def rd_curve(w: torch.Tensor, importance: Optional[torch.Tensor] = None, block_s
     # frequencies) are so skewed that a few rows carry most of the weighted distortion, which
     # evenly spaced rows would mostly miss; it is measured whole.
     if hessian is None and n > CURVE_SAMPLE and rows > 1 and row_importance is None:
-        idx = torch.linspace(0, rows - 1, max(2, CURVE_SAMPLE // w.shape[1])).round().long().unique()
-        w = w[idx]
-    p = ecsq.Problem(w, block_size, seed, importance, row_importance=row_importance, row_tokens=row_tokens)
+        w = w[evenly_spaced_rows(rows, CURVE_SAMPLE // w.shape[1])].float()
+    p = ecsq.Problem(w, block_size, seed, importance, row_importance=row_importance, row_tokens=row_tokens,
+                     stream=hessian is None)
     if w.shape[0] < rows:
         scale_to = (rows * p.padded, rows if p.m is not None else p.stored_steps)
     energy = p.energy() or 1.0
     # The finest step: where a Gaussian of the rows' RMS would cost max_bits + TOP_MARGIN bits
     # (h = log2(rms / step) + 2.05), no finer than ecsq's own floor p.lo.
-    rms = float(p.x.double().pow(2).mean().sqrt())
+    rms = p.rms()
     finest = max(p.lo, min(rms * 2.0 ** (2.05 - max_bits - TOP_MARGIN), p.hi / 2))
     lo, hi = torch.tensor([finest, p.hi]).log().tolist()  # float32, as the grid itself
     steps = [max(s, p.lo) for s in torch.linspace(lo, hi, GRID).exp().tolist()]

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .quantized import QuantizedTensor, weighted_error
+from .quantized import QuantizedTensor, evenly_spaced_rows, weighted_error
 
 ALPHAS = tuple(i / 20 for i in range(21))
 # With error feedback every candidate costs a factorization of its scaled covariance and a
@@ -48,8 +48,8 @@ def awq_quantize(impl, w: torch.Tensor, bits, block_size, importance: torch.Tens
     sample, sample_options = w, options
     rows_w = options.get("row_importance")
     if awq_rows is not None and w.shape[0] > awq_rows:
-        idx = torch.linspace(0, w.shape[0] - 1, int(awq_rows)).round().long().unique()
-        sample = w[idx]
+        idx = evenly_spaced_rows(w.shape[0], awq_rows)
+        sample = w[idx].float()  # (w may be bf16: a tensor ecsq streams)
         if rows_w is not None:  # the sample's own rows keep their weights
             rows_w = torch.as_tensor(rows_w).reshape(-1)[idx]
             sample_options = {**options, "row_importance": rows_w}
@@ -96,7 +96,11 @@ def _quantize_scaled(impl, w, bits, block_size, importance, seed, name, alpha, o
     if options.get("hessian") is not None:  # the scaled weight's inputs are a / s
         s64 = s.double()
         options = {**options, "hessian": options["hessian"] / torch.outer(s64, s64)}
-    qt = impl.quantize(w * s, bits, block_size=block_size, importance=importance / s.pow(2), seed=seed, name=name,
+    if getattr(impl, "COL_SCALE", False):  # scaled as it is read: no scaled copy of w
+        options = {**options, "col_scale": s}
+    else:
+        w = w * s
+    qt = impl.quantize(w, bits, block_size=block_size, importance=importance / s.pow(2), seed=seed, name=name,
                        **options)
     qt.side["awq_scales"] = s16
     qt.dtype = w.dtype

@@ -178,16 +178,16 @@ def run_tensor_job(job: TensorJob) -> tuple[dict, dict[str, torch.Tensor]]:
     """(manifest entry, stored tensors) of one parameter: a pure function of the job, run in this
     process or in a worker (eoq.executor)."""
     t, p = resolve(job.tensor), job.plan
-    t_out = t.to(job.out_dtype) if job.out_dtype is not None and t.is_floating_point() else t
+    out_dtype = job.out_dtype if job.out_dtype is not None and t.is_floating_point() else t.dtype
     if p["action"] == "passthrough":
-        t = t_out.contiguous()
+        t = t.to(out_dtype).contiguous()
         return repo.plain_entry(t, p["kind"], p.get("reason"), p.get("rule")), {"tensor": t}
     transposed = p["role"] == "conv1d"
     w = t.t() if transposed else t
     qt = quantize_tensor(w, p["method"], p["bits"], p["block_size"], importance=job.importance, seed=job.seed,
                          awq=job.awq, name=job.name, row_importance=job.row_weights, row_tokens=job.row_tokens,
                          **job.feedback, **p["options"])
-    qt.dtype = t_out.dtype  # what the weight is dequantized to
+    qt.dtype = out_dtype  # what the weight is dequantized to
     qt.bits = p["bits"]     # as asked (AWQ takes its scales' bits out of ecsq's rate target)
     return repo.quantized_entry(qt, job.codec, p["kind"], transposed, t.shape, p.get("rule"))
 

@@ -263,13 +263,14 @@ def hadamard_signs(n: int, seed: int) -> torch.Tensor:
 
 
 def hadamard(x: torch.Tensor, block: Optional[int] = None, seed: Optional[int] = None,
-             inverse: bool = False) -> torch.Tensor:
+             inverse: bool = False, overwrite: bool = False) -> torch.Tensor:
     """Orthonormal Walsh-Hadamard transform along the last dimension, in blocks of 2^k.
 
     block defaults to the whole last dimension (which must then be a power of two). With a
     seed, random signs D are applied: forward H D x, inverse D H y, so
     ``hadamard(hadamard(x, seed=s), seed=s, inverse=True) == x``; without one the transform
-    is its own inverse. Computed in float32, returned in x's dtype.
+    is its own inverse. Computed in float32, returned in x's dtype. ``overwrite``: a contiguous
+    float32 x the caller no longer needs is transformed in place (no copy) and returned.
     """
     xf = _float(x, "x")
     if xf.dim() == 0:
@@ -280,7 +281,7 @@ def hadamard(x: torch.Tensor, block: Optional[int] = None, seed: Optional[int] =
         raise ValueError(f"hadamard: block must be a power of two, got {block}")
     if n % block:
         raise ValueError(f"hadamard: last dimension {n} is not a multiple of the block {block}")
-    out = xf.clone() if xf.data_ptr() == x.data_ptr() else xf
+    out = xf.clone() if xf.data_ptr() == x.data_ptr() and not overwrite else xf
     signs = hadamard_signs(block, seed) if seed is not None else None
     if out.numel():
         _C.hadamard_(out, block, signs, bool(inverse))
@@ -314,14 +315,19 @@ def code_histogram(x: torch.Tensor, step: float, x_range: Optional[tuple[float, 
     return CodeHistogram(int(qmin), hist, err)
 
 
-def recon_sums(x: torch.Tensor, q: torch.Tensor, row_step: torch.Tensor, top: int) -> torch.Tensor:
+def recon_sums(x: torch.Tensor, q: torch.Tensor, row_step: torch.Tensor, top: int,
+               start: Optional[torch.Tensor] = None) -> torch.Tensor:
     """float64 [3 top + 1]: per level m = 1..top the sums of w, w t sign(q), w t^2 over the
     values coded +-m (t = x / step of the row, w = step^2), then the midpoints' error
-    sum w (t - q)^2 over all values: what ecsq's fitted reconstruction is solved from."""
+    sum w (t - q)^2 over all values: what ecsq's fitted reconstruction is solved from.
+    ``start``: the sums of the rows before these (a tensor taken in row chunks), added onto
+    row by row, so the chunks' result is bit for bit the one call's on all rows."""
     x, q = _float(x, "x"), _float(q, "q")
     if x.dim() != 2 or q.shape != x.shape:
         raise ValueError(f"x must be 2-D and q of its shape, got {tuple(x.shape)} and {tuple(q.shape)}")
-    return _C.recon_sums(x, q, _float(row_step, "row_step").reshape(-1), _count(top, "top"))
+    if start is not None:
+        start = torch.as_tensor(start).detach().cpu().to(torch.float64).reshape(-1).contiguous()
+    return _C.recon_sums(x, q, _float(row_step, "row_step").reshape(-1), _count(top, "top"), start)
 
 
 # ---- Lloyd-Max --------------------------------------------------------------------------

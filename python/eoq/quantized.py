@@ -66,8 +66,20 @@ class QuantizedTensor:
         return self.shape[0] * self.shape[1]
 
 
-def check_weight(weight: torch.Tensor, name: str) -> torch.Tensor:
-    """The weight as contiguous float32 [out, in]; a clear ValueError for anything else."""
+def evenly_spaced_rows(rows: int, k: int) -> torch.Tensor:
+    """The indices of about k (at least 2) evenly spaced rows of `rows`, first and last included:
+    the sample the step search, the curves and AWQ's alpha search measure a large tensor on."""
+    return torch.linspace(0, rows - 1, max(2, int(k))).round().long().unique()
+
+
+# Rows checked for non-finite values at a time when a weight keeps its dtype (check_weight).
+CHECK_ROWS_VALUES = 1 << 24
+
+
+def check_weight(weight: torch.Tensor, name: str, keep_dtype: bool = False) -> torch.Tensor:
+    """The weight as contiguous float32 [out, in]; a clear ValueError for anything else.
+    ``keep_dtype``: a 16-bit weight stays in its dtype (checked chunk by chunk), for a method
+    that converts it chunk by chunk itself (ecsq.streams)."""
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(weight).__name__}")
     if weight.dim() != 2:
@@ -77,11 +89,15 @@ def check_weight(weight: torch.Tensor, name: str) -> torch.Tensor:
         raise ValueError(f"{name}: expected a floating-point weight, got {weight.dtype}")
     if weight.numel() == 0:
         raise ValueError(f"{name}: empty weight {tuple(weight.shape)}")
-    w = weight.detach().cpu().to(torch.float32).contiguous()
-    bad = ~torch.isfinite(w)
-    if bool(bad.any()):
-        r, c = (int(i) for i in bad.nonzero()[0])
-        raise ValueError(f"{name}: non-finite value {float(w[r, c])} at [{r}, {c}]; refusing to quantize")
+    w = weight.detach().cpu()
+    w = w.contiguous() if keep_dtype and w.element_size() == 2 else w.to(torch.float32).contiguous()
+    span = max(1, CHECK_ROWS_VALUES // w.shape[1])
+    for r0 in range(0, w.shape[0], span):
+        bad = ~torch.isfinite(w[r0:r0 + span])
+        if bool(bad.any()):
+            r, c = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"{name}: non-finite value {float(w[r0 + r, c])} at [{r0 + r}, {c}]; "
+                             f"refusing to quantize")
     return w
 
 
@@ -111,7 +127,8 @@ def quantize_tensor(weight: torch.Tensor, method: str = "ecsq", bits: float = 4,
 
     if method not in METHODS:
         raise ValueError(f"{name}: unknown method {method!r}; choose from {sorted(METHODS)}")
-    w = check_weight(weight, name)
+    streamed = method == "ecsq" and impl_streams(weight, hessian, options)
+    w = check_weight(weight, name, keep_dtype=streamed)
     imp = None
     if importance is not None:
         imp = importance.detach().cpu().to(torch.float32).reshape(-1).contiguous()
@@ -132,6 +149,14 @@ def quantize_tensor(weight: torch.Tensor, method: str = "ecsq", bits: float = 4,
         qt = impl.quantize(w, bits, block_size=block_size, importance=imp, seed=seed, name=name, **options)
     qt.shape, qt.dtype, qt.name = tuple(w.shape), weight.dtype, name
     return qt
+
+
+def impl_streams(weight: torch.Tensor, hessian, options: dict) -> bool:
+    """Whether ecsq takes this weight chunk by chunk (ecsq.streams), so it may stay bf16."""
+    from .methods import ecsq
+
+    return isinstance(weight, torch.Tensor) and weight.dim() == 2 and ecsq.streams(
+        weight.numel(), hessian, options.get("lam"), options.get("group_rows"))
 
 
 def check_hessian(hessian: torch.Tensor, cols: int, name: str) -> torch.Tensor:
@@ -164,7 +189,8 @@ def weighted_error(w: torch.Tensor, w_hat: torch.Tensor, importance: Optional[to
 
 def code_entropy_bits(codes: torch.Tensor) -> float:
     """Empirical order-0 entropy of uint8 codes, in bits per code."""
-    return counts_entropy_bits(torch.bincount(codes.reshape(-1).long(), minlength=256))
+    # bincount takes the bytes as they are: .long() would copy 8 bytes a code (4 GiB for a head)
+    return counts_entropy_bits(torch.bincount(codes.reshape(-1), minlength=256))
 
 
 def counts_entropy_bits(counts: torch.Tensor) -> float:

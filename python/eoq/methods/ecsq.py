@@ -80,11 +80,12 @@ from typing import Optional
 import torch
 
 from .. import ops
-from ..quantized import QuantizedTensor, code_entropy_bits, counts_entropy_bits, weighted_error
+from ..quantized import QuantizedTensor, code_entropy_bits, counts_entropy_bits, evenly_spaced_rows, weighted_error
 from . import rotation
 
 DEFAULT_BLOCK = 512
 RATE_TARGET = True  # `bits` is a coded rate that side data counts against
+COL_SCALE = True    # quantize() takes col_scale= (AWQ's scales applied as the rows are read)
 GOLDEN = (math.sqrt(5) - 1) / 2
 SEARCH_ITERS = 48
 SEARCH_SAMPLE = 1 << 20  # values the step search first runs on (_solve_bracketed): ~0.01-bit estimates
@@ -96,6 +97,13 @@ MAX_BITS = 12.0      # the largest target rate: Gaussian rows need ~2^(bits-2) *
 RECON_MAX = 4        # fitted reconstruction levels |q| = 1..4: where cells are wide against the density
 RECON_GAIN = 0.005   # kept only if they remove >= 0.5 % of the error (32 bits each are then well spent)
 RECON_RATE = 4.0     # fitted only up to this target rate: above it they never remove RECON_GAIN
+# Rotated values a streamed Problem holds at a time (64 MiB in float32). A tensor of more than
+# two such chunks (a vocabulary matrix: 128 256 x 4096 = 32 chunks) is rotated chunk by chunk
+# on every pass instead of being held rotated: its float32 copies (rotated, divided by the
+# row multipliers, the codes as floats) would cost 3 x 4 bytes a weight, 6 GiB for an 8 B
+# model's head. A chunk is a multiple of whole rows (every step is row-local) and its size
+# depends on the shape alone, so the result does not depend on it: the same bits as whole.
+CHUNK_VALUES = 1 << 24
 
 
 def stream_overhead_bits(n: int, alphabet: int) -> int:
@@ -152,9 +160,30 @@ def counts_coded_bits(counts: torch.Tensor, n: Optional[int] = None) -> float:
 
 def stored_code_bytes(q: torch.Tensor) -> int:
     """The exact bytes the codes of q take: the rANS stream of hi and the packed low bits."""
-    _, k, hi, _ = split_codes(q)
-    n = q.numel()
-    return int(ops.rans_encode(hi.reshape(-1).contiguous()).numel()) + -(-n * k // 8)
+    return split_bytes(split_codes(q))
+
+
+def split_bytes(split: tuple[int, int, torch.Tensor, torch.Tensor]) -> int:
+    """The exact bytes of split codes (split_codes' (offset, k, hi, lo)) as stored."""
+    _, k, hi, _ = split
+    return int(ops.rans_encode(hi.reshape(-1).contiguous()).numel()) + -(-hi.numel() * k // 8)
+
+
+def streams(numel: int, hessian=None, lam=None, group_rows=None, **_) -> bool:
+    """Whether quantize() takes a weight of numel values chunk by chunk (Problem's ``stream``),
+    so that the caller can hand it over in its own dtype (bf16: half the float32 copy)."""
+    return numel > 2 * CHUNK_VALUES and hessian is None and lam is None and not group_rows
+
+
+def merge_histograms(hists: list[tuple[int, torch.Tensor]]) -> tuple[int, torch.Tensor]:
+    """(qmin, counts) of several (qmin, counts) histograms added up (one is returned as it is)."""
+    if len(hists) == 1:
+        return hists[0]
+    lo = min(q for q, _ in hists)
+    out = torch.zeros(max(q + h.numel() for q, h in hists) - lo, dtype=torch.int64)
+    for q, h in hists:
+        out[q - lo:q - lo + h.numel()] += h
+    return lo, out
 
 
 def row_multipliers(row_importance: torch.Tensor, row_tokens: Optional[float] = None) -> torch.Tensor:
@@ -175,41 +204,124 @@ class Problem:
     """The rotated rows of one tensor and what every trial step needs (quantize here, and the
     rate-distortion curves of eoq.allocate). With row multipliers the codes are
     round(x_i / (step * m_i)): ``x`` holds the rotated rows divided by m_i, so one step serves
-    every row, and the distortion is measured back in the weight's own scale."""
+    every row, and the distortion is measured back in the weight's own scale.
+
+    ``col_scale``: per-column factors the weight is multiplied by first (AWQ's scales), so that
+    the scaled weight is never materialised. ``stream=True`` lets a large tensor (more than two
+    CHUNK_VALUES chunks, one group, no feedback) be rotated chunk by chunk on every pass
+    (``spans``) instead of held rotated: ``rotated`` and ``x`` are then None, and every pass
+    goes through x_rows / rotated_rows. w may then stay in its own dtype (bf16)."""
 
     def __init__(self, w, block_size=None, seed=0, importance=None, group_rows=None, row_importance=None,
-                 row_tokens=None, feedback_u=None):
+                 row_tokens=None, feedback_u=None, col_scale=None, stream=False):
         self.block, self.padded = rotation.choose_block(w.shape[1], int(block_size or DEFAULT_BLOCK))
-        x = rotation.rotate(w, self.block, self.padded, seed)
-        self.w, self.seed, self.imp = w, seed, importance
-        self.rotated, self.u = x, feedback_u  # u: error feedback's factor in the rotated domain, or None
-        rows = x.shape[0]
+        self.w, self.seed, self.imp, self.col_scale = w, seed, importance, col_scale
+        self.u = feedback_u  # error feedback's factor in the rotated domain, or None
+        self.rows = rows = w.shape[0]
         self.rows_w = None if row_importance is None else row_importance.double().reshape(-1, 1)
         self.m = None if row_importance is None else row_multipliers(row_importance, row_tokens).reshape(-1, 1)
-        self.x = x if self.m is None else x / self.m
         g = rows if not group_rows else int(group_rows)
         self.groups = [slice(r, min(rows, r + g)) for r in range(0, rows, g)]
         self.stored_steps = rows if self.m is not None else len(self.groups)
-        x = self.x
-        lo, hi = (float(v) for v in torch.aminmax(x))
+        span = max(1, CHUNK_VALUES // self.padded)
+        self.streamed = bool(stream) and feedback_u is None and len(self.groups) == 1 and rows > 2 * span
+        self.spans = [slice(r, min(rows, r + span)) for r in range(0, rows, span)] if self.streamed \
+            else [slice(0, rows)]
+        self.rotated = self.x = None
+        if self.streamed:
+            ranges = [torch.aminmax(self.x_rows(sl)) for sl in self.spans]
+            lo, hi = min(float(r[0]) for r in ranges), max(float(r[1]) for r in ranges)
+        else:
+            self.rotated = self._rotate(self.w_rows(slice(0, rows)))
+            self.x = self.rotated if self.m is None else self.rotated / self.m
+            lo, hi = (float(v) for v in torch.aminmax(self.x))
         self.range = (lo, hi)  # of x: the code histograms' span (ops.code_histogram)
         self.lo = max((hi - lo) / (LEVELS - 2), 1e-30)  # q spans < LEVELS even after rounding
         self.hi = max(2.0 * max(-lo, hi), 2 * self.lo)  # every q = 0
 
+    def _rotate(self, w: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
+        return rotation.rotate(w, self.block, self.padded, self.seed, overwrite)
+
+    def w_rows(self, sl) -> torch.Tensor:
+        """Rows of the weight (slice or index tensor) in float32, times col_scale."""
+        w = self.w[sl].float()
+        return w if self.col_scale is None else w * self.col_scale
+
+    def rotated_rows(self, sl) -> torch.Tensor:
+        """Rows of the rotated weight; computed when streamed, in a fresh tensor the caller owns
+        (in place from one float32 copy of the rows: the same values as out of place)."""
+        if self.rotated is not None:
+            return self.rotated[sl]
+        w = self.w[sl].to(torch.float32, copy=True)
+        if self.col_scale is not None:
+            w.mul_(self.col_scale)
+        return self._rotate(w, overwrite=True)
+
+    def x_rows(self, sl) -> torch.Tensor:
+        """Rows of x (rotated, divided by the row multipliers), computed when streamed."""
+        if self.x is not None:
+            return self.x[sl]
+        x = self.rotated_rows(sl)
+        return x if self.m is None else x.div_(self.m[sl])
+
     def q(self, sl, step):
-        return torch.round(self.x[sl] / step)
+        return torch.round(self.x_rows(sl) / step)
 
     def distortion(self, sl, step):
-        xh = self.q(sl, step) * step
+        xs = self.x_rows(sl)
+        xh = torch.round(xs / step) * step
         rows_w = None if self.rows_w is None else self.rows_w[sl]
         if self.m is not None:
             xh = xh * self.m[sl]
-        x = self.x[sl] if self.m is None else self.x[sl] * self.m[sl]
+        x = xs if self.m is None else xs * self.m[sl]
         if self.imp is None:
             d2 = (x - xh).double().pow(2)
             return float((d2 * rows_w).sum() if rows_w is not None else d2.sum())
         cols = self.w.shape[1]
-        return weighted_error(self.w[sl], rotation.unrotate(xh, self.block, cols, self.seed), self.imp, rows_w)
+        return weighted_error(self.w_rows(sl), rotation.unrotate(xh, self.block, cols, self.seed), self.imp, rows_w)
+
+    def histogram(self, step, row_error: bool = True) -> tuple[int, torch.Tensor, Optional[torch.Tensor]]:
+        """(qmin, counts, per-row squared errors or None) of round(x / step) over every row:
+        one ops.code_histogram pass, chunk by chunk when streamed."""
+        hs = [ops.code_histogram(self.x_rows(sl), step, self.range, row_error=row_error) for sl in self.spans]
+        qmin, counts = merge_histograms([(h.qmin, h.hist) for h in hs])
+        errors = None
+        if row_error:
+            errors = hs[0].row_error if len(hs) == 1 else torch.cat([h.row_error for h in hs])
+        return qmin, counts, errors
+
+    def rms(self) -> float:
+        """The root mean square of x."""
+        if self.x is not None:
+            return float(self.x.double().pow(2).mean().sqrt())
+        total = sum(float(self.x_rows(sl).double().pow(2).sum()) for sl in self.spans)
+        return math.sqrt(total / (self.rows * self.padded))
+
+    def split(self, steps) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+        """split_codes(codes(steps)) (offset, k, hi, lo); when streamed, written chunk by chunk,
+        so no float copy of the codes is made. Rounding is monotonic, so the codes' range is
+        round(range / step), computed by the very operation q() applies (each chunk checked)."""
+        if not self.streamed:
+            return split_codes(self.codes(steps))
+        step = steps[0]
+        offset, top = (int(v) for v in torch.round(torch.tensor(self.range, dtype=torch.float32) / step))
+        if top - offset >= LEVELS:  # the step floor makes this impossible; never wrap silently
+            raise AssertionError(f"ecsq codes span {top - offset + 1} values")
+        k = 0 if top - offset < 256 else low_bits_for(top - offset + 1)
+        hi = torch.empty(self.rows, self.padded, dtype=torch.uint8)
+        lo = torch.empty(self.rows, self.padded, dtype=torch.uint8) if k else torch.zeros(0, dtype=torch.uint8)
+        for sl in self.spans:
+            c = self.q(sl, step) - offset
+            low, high = (float(v) for v in torch.aminmax(c))
+            if low < 0 or high > top - offset:  # x outside self.range: never, unless a kernel errs
+                raise AssertionError(f"codes of rows {sl.start}..{sl.stop} outside [{offset}, {top}]")
+            if k:
+                c = c.to(torch.int32)
+                hi[sl] = (c >> k).to(torch.uint8)
+                lo[sl] = (c & ((1 << k) - 1)).to(torch.uint8)
+            else:
+                hi[sl] = c.to(torch.uint8)
+        return offset, k, hi, lo
 
     def rate_and_spread_distortion(self, step, scale_to: Optional[tuple[int, int]] = None) -> tuple[float, float]:
         """(total_bits, weighted distortion) of the whole tensor at one step, from one rounding.
@@ -220,10 +332,9 @@ class Problem:
         eoq.allocate); measured within 0.1 % of it on Gaussian rows. ``scale_to`` = (codes,
         stored steps) of the whole tensor when these rows are a sample of it: the bits are
         then the whole tensor's (the distortion stays the sample's)."""
-        h = ops.code_histogram(self.x, step, self.range)
+        _, counts, e = self.histogram(step)
         codes, stored_steps = scale_to if scale_to is not None else (None, self.stored_steps)
-        bits = counts_coded_bits(h.hist, codes) + 32 * stored_steps
-        e = h.row_error
+        bits = counts_coded_bits(counts, codes) + 32 * stored_steps
         if self.m is not None:
             e = e * self.m.reshape(-1).double().pow(2)
         if self.rows_w is not None:
@@ -233,7 +344,11 @@ class Problem:
 
     def energy(self):
         """The distortion of an all-zero reconstruction (the weighted energy of w)."""
-        return weighted_error(self.w, torch.zeros_like(self.w), self.imp, self.rows_w)
+        total = 0.0
+        for sl in self.spans:
+            w = self.w_rows(sl)
+            total += weighted_error(w, torch.zeros_like(w), self.imp, None if self.rows_w is None else self.rows_w[sl])
+        return total
 
     def codes(self, steps):
         if self.u is None:
@@ -283,19 +398,13 @@ class Problem:
     def code_counts(self, steps) -> torch.Tensor:
         """The histogram of codes(steps) (plain rounding), from one pass per group and without
         the codes themselves: what every rate search measures."""
+        if len(self.groups) == 1:
+            return self.histogram(steps[0], row_error=False)[1]
         hists = [ops.code_histogram(self.x[sl], s, self.range, row_error=False) for sl, s in zip(self.groups, steps)]
-        if len(hists) == 1:
-            return hists[0].hist
-        lo = min(h.qmin for h in hists)
-        out = torch.zeros(max(h.qmin + h.hist.numel() for h in hists) - lo, dtype=torch.int64)
-        for h in hists:
-            out[h.qmin - lo:h.qmin - lo + h.hist.numel()] += h.hist
-        return out
+        return merge_histograms([(h.qmin, h.hist) for h in hists])[1]
 
     def best_step(self, sl, lam):
         """argmin over log(step) of D + lam * R for one group (golden-section search)."""
-        n = self.x[sl].numel()
-
         def cost(log_step):
             s = math.exp(log_step)
             q = self.q(sl, s)
@@ -368,12 +477,11 @@ def _solve_bracketed(f, p: Problem, target: float) -> float:
     within a few hundredths of a bit of the answer, so the whole tensor is measured ~3 times
     instead of ~7. A bracket the answer lies outside of falls back to the side it lies on."""
     tol = 1e-4 * target
-    rows = p.x.shape[0]
-    if p.x.numel() <= 4 * SEARCH_SAMPLE or rows < 8 or len(p.groups) != 1:
+    rows = p.rows
+    if rows * p.padded <= 4 * SEARCH_SAMPLE or rows < 8 or len(p.groups) != 1:
         return _solve(f, p.lo, p.hi, tol)
-    idx = torch.linspace(0, rows - 1, max(2, SEARCH_SAMPLE // p.x.shape[1])).round().long().unique()
-    xs = p.x[idx].contiguous()
-    full = (p.x.numel(), p.stored_steps)
+    xs = p.x_rows(evenly_spaced_rows(rows, SEARCH_SAMPLE // p.padded)).contiguous()
+    full = (rows * p.padded, p.stored_steps)
 
     def f_sample(step):
         return counts_coded_bits(ops.code_histogram(xs, step, p.range, row_error=False).hist, full[0]) \
@@ -394,35 +502,45 @@ def _solve_bracketed(f, p: Problem, target: float) -> float:
 
 def _meet_exactly(p: Problem, steps, target: float):
     """Widen the steps until the real stream (not the entropy estimate) fits the target.
+    Returns (steps, their split codes).
 
     The estimate misses the rANS coder's model error (frequencies at 2^-12 resolution),
     a few thousandths of a bit. At high rate R ~ h - log2(step), so growing every step by
     2^(excess / n) removes about `excess` bits.
     """
     for _ in range(8):
-        q = p.codes(steps)
-        excess = 8 * stored_code_bytes(q) + 32 * p.stored_steps - target
+        split = p.split(steps)
+        excess = 8 * split_bytes(split) + 32 * p.stored_steps - target
         if excess <= 0:
-            return steps, q  # the codes of these steps: not computed again
-        steps = [s * 2.0 ** (excess / q.numel() + 1e-4) for s in steps]
+            return steps, split  # the codes of these steps: not computed again
+        steps = [s * 2.0 ** (excess / split[2].numel() + 1e-4) for s in steps]
     return steps, None
 
 
-def fit_recon(p: Problem, q: torch.Tensor, steps) -> Optional[torch.Tensor]:
+def fit_recon(p: Problem, split: tuple[int, int, torch.Tensor, torch.Tensor], steps) -> Optional[torch.Tensor]:
     """Fitted reconstruction points for levels 1..RECON_MAX (module docstring), or None when
     they would remove less than RECON_GAIN of the error. Measured in the rotated domain with
-    each row's error in the weight's scale (an orthonormal rotation keeps squared errors)."""
+    each row's error in the weight's scale (an orthonormal rotation keeps squared errors).
+    ``split``: the codes as split_codes gives them, without low bits."""
+    offset, k, codes, _ = split
+    if k:
+        raise ValueError("fit_recon: codes with low bits (high rates) get no fitted reconstruction")
     s = torch.cat([torch.full((sl.stop - sl.start, 1), float(st)) for sl, st in zip(p.groups, steps)])
     if p.m is not None:
         s = s * p.m
-    lo, hi = (int(v) for v in torch.aminmax(q))
+    s = s.reshape(-1)
+    lo, hi = offset, offset + int(codes.max())
     top = min(RECON_MAX, max(-lo, hi))
     if top < 1:
         return None
     # Per cell m (|q| = m): S0 = sum w, S1 = sum w t sign(q), S2 = sum w t^2, w = step^2 (errors
-    # in the weight's scale), t = x / step (ops.recon_sums, one pass). A value v for the cell
-    # costs S2 - 2 v S1 + v^2 S0, least at v = S1 / S0 (the conditional mean).
-    sums = ops.recon_sums(p.rotated, q, s.reshape(-1), top)
+    # in the weight's scale), t = x / step (ops.recon_sums, one pass; chunk by chunk when
+    # streamed, each chunk adding onto the last's sums). A value v for the cell costs
+    # S2 - 2 v S1 + v^2 S0, least at v = S1 / S0 (the conditional mean).
+    sums = None
+    for sl in p.spans:
+        q = codes[sl].float() + offset
+        sums = ops.recon_sums(p.rotated_rows(sl), q, s[sl], top, start=sums)
     s0, s1, s2 = sums[0:3 * top:3], sums[1:3 * top:3], sums[2:3 * top:3]
     before = float(sums[-1])
     mids = torch.arange(1, top + 1, dtype=torch.float64)
@@ -439,7 +557,10 @@ def quantize(w: torch.Tensor, bits, block_size=None, importance=None, seed=0, na
              step: Optional[float] = None, lam: Optional[float] = None, group_rows: Optional[int] = None,
              row_importance: Optional[torch.Tensor] = None, row_tokens: Optional[float] = None,
              hessian: Optional[torch.Tensor] = None, damp: float = 0.01, hessian_tokens: Optional[int] = None,
-             recon: bool = True, **options):
+             recon: bool = True, col_scale: Optional[torch.Tensor] = None, **options):
+    """The QuantizedTensor of w [rows, cols] at ``bits`` (or ``step`` / ``lam``; module
+    docstring). ``col_scale``: per-column factors w is multiplied by first (AWQ's scales).
+    A large tensor that streams() is taken chunk by chunk (Problem): it may come in bf16."""
     if options:
         raise ValueError(f"{name}: ecsq takes no options {sorted(options)}")
     if row_importance is not None:
@@ -456,14 +577,15 @@ def quantize(w: torch.Tensor, bits, block_size=None, importance=None, seed=0, na
         raise ValueError(f"{name}: ecsq bits (a target coded rate) must be in (0, {MAX_BITS:g}], got {bits}")
     rows, cols = w.shape
     recon = bool(recon) and hessian is None and (step is not None or lam is not None or float(bits) <= RECON_RATE)
-    p = Problem(w, block_size, seed, importance, group_rows, row_importance, row_tokens)
+    p = Problem(w, block_size, seed, importance, group_rows, row_importance, row_tokens, col_scale=col_scale,
+                stream=streams(w.numel(), hessian, lam, group_rows))
     if hessian is not None:
         p.u = rotation.feedback_factor(hessian, p.block, p.padded, seed, name, damp, hessian_tokens)
     numel = rows * cols
     block = p.block
     meta = {"rotation_block": block, "padded_cols": p.padded, "group_rows": 1 if p.m is not None else group_rows}
 
-    q = None  # the codes, once measured at the final steps
+    split = None  # the codes (split_codes), once measured at the final steps
     if step is not None:
         if not step > 0:
             raise ValueError(f"{name}: step must be positive, got {step}")
@@ -494,10 +616,10 @@ def quantize(w: torch.Tensor, bits, block_size=None, importance=None, seed=0, na
             meta["rate_limited"] = bool(p.total_bits([p.lo] * len(p.groups), numel) < target)
         if p.m is not None:
             meta["row_importance"] = True
-        steps, q = _meet_exactly(p, steps, target)
+        steps, split = _meet_exactly(p, steps, target)
 
-    q = p.codes(steps) if q is None else q
-    offset, k, codes, lo = split_codes(q)
+    split = p.split(steps) if split is None else split
+    offset, k, codes, lo = split
     meta["offset"] = offset
     code_bits = max(1, math.ceil(math.log2(int(codes.max()) + 1))) if codes.numel() else 1
     side = {"steps": p.stored(steps)}
@@ -507,7 +629,7 @@ def quantize(w: torch.Tensor, bits, block_size=None, importance=None, seed=0, na
         meta["low_bits"] = k
         side["low"] = ops.pack_bits(lo.reshape(-1), k)
     elif recon:
-        r = fit_recon(p, q, steps)
+        r = fit_recon(p, split, steps)
         if r is not None:
             meta["recon"] = r.numel()
             side["recon"] = r

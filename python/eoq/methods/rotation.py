@@ -29,10 +29,12 @@ def choose_block(cols: int, preferred: int) -> tuple[int, int]:
     return block, padded
 
 
-def rotate(w: torch.Tensor, block: int, padded: int, seed: Optional[int]) -> torch.Tensor:
+def rotate(w: torch.Tensor, block: int, padded: int, seed: Optional[int], overwrite: bool = False) -> torch.Tensor:
+    """The rows of w rotated (padded to `padded` columns). ``overwrite``: w is the caller's
+    scratch copy and may be rotated in place."""
     if padded != w.shape[1]:
-        w = torch.nn.functional.pad(w, (0, padded - w.shape[1]))
-    return ops.hadamard(w, block=block, seed=seed)
+        w, overwrite = torch.nn.functional.pad(w, (0, padded - w.shape[1])), True
+    return ops.hadamard(w, block=block, seed=seed, overwrite=overwrite)
 
 
 def unrotate(x: torch.Tensor, block: int, cols: int, seed: Optional[int]) -> torch.Tensor:
