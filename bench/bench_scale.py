@@ -113,21 +113,27 @@ GOALS = {"datafree": (">=", 1.0), "calibrated": ("<=", 3.0)}
 
 
 class _Peaks:
-    """The peaks of anonymous memory and of mapped file pages, sampled every 20 ms in a thread."""
+    """The peaks of anonymous memory and of mapped file pages, sampled every 20 ms in a thread;
+    also the anonymous peak of each phase named by ``phase`` (None: outside any)."""
 
     def __init__(self):
         self.peaks = {"RssAnon": 0, "RssFile": 0}
+        self.phase, self.phase_anon = None, {}
         self.done = threading.Event()
         threading.Thread(target=self._sample, daemon=True).start()
 
     def _sample(self):
         while not self.done.wait(0.02):
-            for k, v in _status(("RssAnon", "RssFile")).items():
+            now = _status(("RssAnon", "RssFile"))
+            for k, v in now.items():
                 self.peaks[k] = max(self.peaks[k], v)
+            name = self.phase or "quantize"
+            self.phase_anon[name] = max(self.phase_anon.get(name, 0), now.get("RssAnon", 0))
 
     def stop(self) -> dict:
         self.done.set()
-        return {"peak_anon": self.peaks["RssAnon"], "peak_file": self.peaks["RssFile"]}
+        return {"peak_anon": self.peaks["RssAnon"], "peak_file": self.peaks["RssFile"],
+                "phase_peak_anon": dict(self.phase_anon)}
 
 
 def child(spec: dict) -> dict:
@@ -173,14 +179,19 @@ def convert_child(spec: dict) -> dict:
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     phases: dict[str, float] = {}
+    peaks = None
 
     def timed(name, fn):
         def wrapper(*args, **kwargs):
             t = time.perf_counter()
+            if peaks is not None:
+                peaks.phase = name
             try:
                 return fn(*args, **kwargs)
             finally:
                 phases[name] = phases.get(name, 0.0) + time.perf_counter() - t
+                if peaks is not None:
+                    peaks.phase = None
         return wrapper
 
     for name in ("calibrate", "allocate_rates", "write_shards"):  # looked up as globals by quantize_model

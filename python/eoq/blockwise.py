@@ -2,15 +2,17 @@
 
 Why: calibration runs the calibration text through the model, and holding the whole model
 for it (float32: 4 bytes a parameter, ~32 GB for an 8 B model) is more than most machines
-have. Run block by block, the model costs what its largest block and the parameters outside
-the blocks take (embeddings, final norm, head), plus the hidden states of the calibration
-sequences.
+have. Run block by block, the model costs what its largest block or its largest module
+outside the blocks (the embedding, the head: 2 GiB each in float32 for an 8 B model) takes,
+plus the hidden states of the calibration sequences.
 
 How (the layer-by-layer scheme of GPTQ's and AutoAWQ's calibration):
   1. The model is built with accelerate's ``init_empty_weights``: parameters on the meta
      device (nothing allocated), buffers real (rotary frequencies are computed at
-     construction; checkpoints do not store them). The parameters outside the blocks are
-     read from the files in float32.
+     construction; checkpoints do not store them). The modules outside the blocks are read
+     from the files (float32) when they run (a forward pre-hook) and dropped again when the
+     pass that ran them ends (``outside()``): the embeddings live through the capture, the
+     final norm and head through the tail, never both.
   2. The blocks are the ModuleList of same-class modules holding most of the parameters
      (``model.layers``, GPT-2's ``h``, BERT's ``encoder.layer``).
   3. Capture: the first block is replaced by a module that records its call (the hidden
@@ -22,7 +24,10 @@ How (the layer-by-layer scheme of GPTQ's and AutoAWQ's calibration):
      run through it with the recorded arguments (``on_block`` wraps that run: the statistics
      hooks), the outputs replace the inputs, its parameters dropped (back to meta).
   5. The tail: the blocks are replaced by a replay that hands out the last block's outputs,
-     and the model's own forward pass runs the final norm and the head on them.
+     and the model's own forward pass runs the final norm and the head on them. The modules
+     that ran in the capture (the embeddings) run again there, and what they give is thrown
+     away by the replay: they get placeholder weights (zeros broadcast to the shape, no
+     memory) instead of a second read of the vocabulary matrix.
 
 Memory: before anything is read, ``check_calibration_memory`` estimates what the run will
 hold (``calibration_memory``: by part, from the model's shapes and the calibration's token
@@ -39,8 +44,10 @@ Traps:
   * ``use_cache=False``: a cache would keep every block's keys and values.
   * A block returns a tensor (transformers 5) or a tuple whose first item is the hidden
     states; the replay returns what the block returned, so the model unpacks it as usual.
-  * A tied pair (embedding and head) is read under both names: two float32 copies of the
-    vocabulary matrix, the price of not touching the model's tying logic.
+  * A tied pair (embedding and head) is read under both names, each when its module runs:
+    the price of not touching the model's tying logic is a second read, not a second copy.
+  * A module outside the blocks whose weight another module uses without calling it would
+    see a meta tensor: the capture and the tail check that what they give is real.
   * The attention implementation is the one ``from_pretrained`` picks (sdpa where
     available); a module built by hand would default to another and differ in the last bits.
 """
@@ -84,6 +91,10 @@ class _Replay(torch.nn.Module):
     def forward(self, hidden, *args, **kwargs):
         h = hidden if self.outputs is None else self.outputs[self.current[0]]
         return (h,) if self.wrap else h
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
 
 
 def find_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
@@ -134,10 +145,86 @@ class BlockRunner:
         for n in order:
             shared.setdefault(group[n], []).append(n)
         self.tied = {names[0]: names for names in shared.values() if len(names) > 1}
-        self._load(model, "", skip=self.prefix)
+        # The modules outside the blocks holding tensors of their own, read when they run.
+        self.grad_outside = False  # whether what is read requires grad (the Fisher pass)
+        self._loaded: dict[str, torch.nn.Module] = {}
+        self._placeholders: set[str] = set()  # modules given placeholder weights in the tail
+        self._before: set[str] = set()  # modules that ran before the blocks (in the capture)
+        self._placeholding = False
+        self._capturing = False
+        self._own: dict[str, list[str]] = {}  # module -> its tensors read from the files
+        files = set(source.names)
+        for name, module in model.named_modules():
+            if name == self.blocks_name or name.startswith(self.prefix):
+                continue
+            own = [n for n, _ in module.named_parameters(recurse=False)]
+            own += [n for n, _ in module.named_buffers(recurse=False) if _join(name, n) in files]
+            if own:
+                self._own[name] = own
+                module.register_forward_pre_hook(self._materialise_hook(name, own))
 
-    def _load(self, module: torch.nn.Module, prefix: str, skip: Optional[str] = None) -> None:
-        """Read every parameter (and stored buffer) of `module` from the files, in self.dtype."""
+    def _materialise_hook(self, name: str, own: list[str]):
+        """A forward pre-hook reading the module's own tensors when it runs (module docstring)."""
+        def hook(module, args):
+            if name in self._loaded:
+                return
+            if self._placeholding and name in self._before:
+                self._placeholders.add(name)
+                self._placeholder(module, own)
+            else:
+                self._load_own(module, name, own)
+                if self._capturing:
+                    self._before.add(name)
+            self._loaded[name] = module
+        return hook
+
+    def _load_own(self, module: torch.nn.Module, name: str, own: list[str]) -> None:
+        from accelerate.utils import set_module_tensor_to_device
+
+        files = set(self.source.names)
+        for n in own:
+            full = _join(name, n)
+            if full not in files:
+                raise ValueError(f"{self.source.name}: the model has parameter {full!r} and the weight files do not")
+            t = self.source.get(full)
+            set_module_tensor_to_device(module, n, "cpu", value=t.to(self.dtype) if t.is_floating_point() else t)
+        for p in module.parameters(recurse=False):
+            p.requires_grad_(self.grad_outside and p.is_floating_point())
+
+    @staticmethod
+    def _placeholder(module: torch.nn.Module, own: list[str]) -> None:
+        """Zeros of each tensor's shape, broadcast from one value: no memory, no read."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        for n in own:
+            t = getattr(module, n)
+            set_module_tensor_to_device(module, n, "cpu", value=torch.zeros((), dtype=t.dtype).expand(t.shape))
+
+    def loaded_parameter(self, name: str) -> Optional[torch.nn.Parameter]:
+        """Parameter `name` outside the blocks as read from the files, while its module is
+        loaded (not a placeholder); else None."""
+        module_name, _, attr = name.rpartition(".")
+        if module_name not in self._loaded or module_name in self._placeholders:
+            return None
+        return self._loaded[module_name]._parameters.get(attr)
+
+    @contextlib.contextmanager
+    def outside(self):
+        """While inside, the modules outside the blocks that run are read (once); on leaving
+        they are dropped back to the meta device."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        try:
+            yield
+        finally:
+            for name, module in self._loaded.items():
+                for n in self._own[name]:
+                    set_module_tensor_to_device(module, n, "meta")
+            self._loaded.clear()
+            self._placeholders.clear()
+
+    def _load(self, module: torch.nn.Module, prefix: str) -> None:
+        """Read every parameter (and stored buffer) of block `module` from the files, in self.dtype."""
         from accelerate.utils import set_module_tensor_to_device
 
         names = set(self.source.names)
@@ -145,8 +232,6 @@ class BlockRunner:
         tensors += [n for n, _ in module.named_buffers(remove_duplicate=False) if prefix + n in names]
         for n in tensors:
             full = prefix + n
-            if skip and full.startswith(skip):
-                continue
             if full not in names:
                 raise ValueError(f"{self.source.name}: the model has parameter {full!r} and the weight files do not")
             t = self.source.get(full)
@@ -158,11 +243,12 @@ class BlockRunner:
     def capture(self, sequences: list[torch.Tensor]) -> list[tuple[tuple, dict]]:
         """The first block's call (args, kwargs) for each sequence, the model's own forward pass
         stopped there. Under grad mode the hidden states keep their graph back to the
-        embeddings."""
+        embeddings. Call it inside ``outside()``."""
         model, blocks = self.model, self.blocks
         calls: list = []
         first = blocks[0]
         blocks[0] = _Capture(calls)
+        self._capturing = True
         try:
             for ids in sequences:
                 try:
@@ -174,6 +260,10 @@ class BlockRunner:
                                        f"{self.blocks_name}[0]")
         finally:
             blocks[0] = first
+            self._capturing = False
+        if any(args[0].is_meta for args, _ in calls):
+            raise RuntimeError(f"{type(model).__name__}: the first block's input was computed from a weight that "
+                               f"was never read (a module outside the blocks used without being called)")
         return calls
 
     def load_block(self, i: int) -> torch.nn.Module:
@@ -195,14 +285,17 @@ class BlockRunner:
     def tail(self, outputs: list[torch.Tensor]):
         """While inside, the blocks are a replay: the model's forward pass on sequence k (call
         ``model(input_ids=...)`` with ``current[0] = k``) runs what comes after the blocks on
-        outputs[k]. Yields ``current``."""
+        outputs[k]. Yields ``current``. Use it inside ``outside()``, after a capture there: the
+        modules the capture ran get placeholders (module docstring)."""
         blocks, current = self.blocks, [0]
         saved = list(blocks)
         for i in range(len(blocks)):
             blocks[i] = _Replay(outputs if i == 0 else None, self._wrap, current)
+        self._placeholding = True
         try:
             yield current
         finally:
+            self._placeholding = False
             for i, b in enumerate(saved):
                 blocks[i] = b
 
@@ -216,7 +309,7 @@ class BlockRunner:
         only the modules outside the blocks run."""
         from tqdm.auto import tqdm
 
-        with on_rest(self.model) if on_rest else contextlib.nullcontext():
+        with self.outside(), on_rest(self.model) if on_rest else contextlib.nullcontext():
             calls = self.capture(sequences)
         hidden = [args[0] for args, _ in calls]
         for i in tqdm(range(len(self.blocks)), desc="calibration blocks", unit="block", disable=not progress):
@@ -227,7 +320,8 @@ class BlockRunner:
                         hidden[k] = self.block_forward(block, hidden[k], call)
             finally:
                 self.drop_block(i)
-        with self.tail(hidden) as current, on_rest(self.model) if on_rest else contextlib.nullcontext():
+        with self.outside(), self.tail(hidden) as current, \
+                on_rest(self.model) if on_rest else contextlib.nullcontext():
             for k, ids in enumerate(sequences):
                 current[0] = k
                 self.model(input_ids=ids.reshape(1, -1), use_cache=False)
@@ -262,10 +356,10 @@ def memory_budget() -> Optional[tuple[int, str]]:
 
 def calibration_memory(config, tokens: int, seq_len: int, fisher_tokens: int, covariance: bool) -> dict[str, int]:
     """What calibrating block by block holds at its peak, in bytes, by part (an estimate from
-    the model's shapes, meant to err high: 10.8 GiB against 8.6 GiB measured for the 8 B
-    shape at 256 tokens, BENCHMARKS.md): the parameters outside the blocks in float32 (and
-    their gradients in the Fisher pass),
-    the largest block with its gradients, the hidden states of the calibration sequences,
+    the model's shapes, meant to err high; BENCHMARKS.md has it against measured peaks): the
+    modules outside the blocks in float32, all but the second largest (the embedding and the
+    head run in different passes, BlockRunner.outside), the largest one's gradient in the
+    Fisher pass, the largest block with its gradients, the hidden states of the calibration sequences,
     the Fisher pass's stored block inputs, one sequence's working set inside a block and at
     the head, and, with error feedback, every Linear's input covariance (float64)."""
     from .sources import model_class
@@ -273,8 +367,9 @@ def calibration_memory(config, tokens: int, seq_len: int, fisher_tokens: int, co
     with torch.device("meta"):
         model = model_class(config)(config)
     blocks_name, blocks = find_blocks(model)
-    outside = sum(p.numel() for n, p in model.named_parameters(remove_duplicate=False)
-                  if not n.startswith(blocks_name + "."))
+    modules = sorted((sum(p.numel() for p in m.parameters(recurse=False)) for n, m in model.named_modules()
+                      if n != blocks_name and not n.startswith(blocks_name + ".")), reverse=True) + [0, 0]
+    held = sum(modules) - modules[1]  # never the embedding and the head at once
     block = max(sum(p.numel() for p in b.parameters()) for b in blocks)
     hidden = int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0) or 1)
     inner = int(getattr(config, "intermediate_size", 0) or 4 * hidden)
@@ -282,8 +377,8 @@ def calibration_memory(config, tokens: int, seq_len: int, fisher_tokens: int, co
     vocab = int(getattr(config, "vocab_size", 0) or 1)
     need = {
         "the process itself (torch, transformers)": PROCESS_BYTES,
-        "parameters outside the blocks (float32)": 4 * outside,
-        "their gradients in the Fisher pass": 4 * outside if fisher_tokens else 0,
+        "modules outside the blocks, one vocabulary matrix at a time (float32)": 4 * held,
+        "the largest one's gradient in the Fisher pass": 4 * modules[0] if fisher_tokens else 0,
         "the largest block and its gradients (float32)": 8 * block,
         "hidden states of the calibration sequences": 2 * 4 * tokens * hidden,
         "the Fisher pass's stored block inputs": 4 * (len(blocks) + 1) * fisher_tokens * hidden,

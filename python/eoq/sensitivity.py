@@ -275,7 +275,8 @@ def fisher_pass_blockwise(runner, sequences: list[torch.Tensor], row_params: Ite
     seqs = list(sequences)
     gen = torch.Generator().manual_seed(int(seed))
     with torch.no_grad():  # 1
-        calls = runner.capture(seqs)
+        with runner.outside():
+            calls = runner.capture(seqs)
         hidden = [args[0] for args, _ in calls]
         inputs = []
         for i in tqdm(range(len(runner.blocks)), desc="sensitivity forward", unit="block", disable=not progress):
@@ -285,13 +286,22 @@ def fisher_pass_blockwise(runner, sequences: list[torch.Tensor], row_params: Ite
                 hidden = [runner.block_forward(block, h, c) for h, c in zip(hidden, calls)]
             finally:
                 runner.drop_block(i)
-    rest = {n: p for n, p in model.named_parameters(remove_duplicate=False)  # outside the blocks
-            if n in first_of and not n.startswith(runner.prefix)}
-    for n, p in rest.items():
-        p.requires_grad_(True)
-    grads, pending = [], []  # pending[k]: {first: (rows, head gradient there)} of the tied matrices
+    # The matrices outside the blocks, read by the runner when their module runs (the head in
+    # the tail, the embeddings in step 4), each with requires_grad; looked up by name, as
+    # each read makes a new Parameter.
+    rest = [n for n in first_of if not n.startswith(runner.prefix)]
+
+    def loaded():
+        return {n: p for n in rest if (p := runner.loaded_parameter(n)) is not None}
+
+    def mean_squares():  # of the matrices read in this phase, before they are dropped
+        for n, p in loaded().items():
+            mean_w2.setdefault(n, _mean_square(p))
+
+    runner.grad_outside = True
+    grads, pending = [], []  # pending[k]: {first: (rows, head gradient there, head rows)} of the tied matrices
     outputs = [None] * len(seqs)
-    with runner.tail(outputs) as current:  # 2
+    with runner.outside(), runner.tail(outputs) as current:  # 2
         for k, ids in enumerate(seqs):
             current[0] = k
             outputs[k] = hidden[k].detach().requires_grad_(True)
@@ -303,7 +313,7 @@ def fisher_pass_blockwise(runner, sequences: list[torch.Tensor], row_params: Ite
             outputs[k] = None
             stash = {}
             with torch.no_grad():
-                for n, p in rest.items():
+                for n, p in loaded().items():
                     if p.grad is None:
                         continue
                     f = first_of[n]
@@ -312,11 +322,12 @@ def fisher_pass_blockwise(runner, sequences: list[torch.Tensor], row_params: Ite
                         keep = torch.ones(p.shape[0], dtype=torch.bool)
                         keep[sel] = False
                         add(f, p.grad[keep], p[keep], keep.nonzero().reshape(-1))
-                        stash[f] = (sel, p.grad[sel].clone())
+                        stash[f] = (sel, p.grad[sel].clone(), p[sel].detach().clone())
                     else:
                         add(f, p.grad, p)
                     p.grad = None
             pending.append(stash)
+        mean_squares()
     del hidden
     for i in tqdm(reversed(range(len(runner.blocks))), total=len(runner.blocks), desc="sensitivity backward",
                   unit="block", disable=not progress):  # 3
@@ -343,34 +354,36 @@ def fisher_pass_blockwise(runner, sequences: list[torch.Tensor], row_params: Ite
             runner.drop_block(i)
             inputs[i] = None
     tokens = 0
-    for k, ids in enumerate(seqs):  # 4
-        (args, _), = runner.capture([ids])
-        if args[0].requires_grad:
-            args[0].backward(grads[k])
-        tokens += int(ids.numel())
-        with torch.no_grad():
-            for n, p in rest.items():
-                f = first_of[n]
-                stash = pending[k].get(f)
-                if p.grad is None:  # (a tied head's rows left alone are added below)
-                    continue
-                if stash is None:
-                    add(f, p.grad, p)
-                else:
-                    sel, g_head = stash
-                    outside = torch.ones(p.shape[0], dtype=torch.bool)
-                    outside[sel] = False
-                    if bool(p.grad[outside].any()):
-                        raise Unsupported(f"{n}: its gradient reaches rows the sequence's tokens do not select")
-                    add(f, p.grad[sel] + g_head, p[sel], sel)
-                    del pending[k][f]
-                p.grad = None
-            for f, (sel, g_head) in pending[k].items():  # a tied matrix the embedding pass did not reach
-                add(f, g_head, rest[f][sel], sel)
-    for n, p in rest.items():
-        p.requires_grad_(False)
-        with torch.no_grad():
-            mean_w2[n] = _mean_square(p)
+    with runner.outside():  # 4
+        for k, ids in enumerate(seqs):
+            (args, _), = runner.capture([ids])
+            if args[0].requires_grad:
+                args[0].backward(grads[k])
+            tokens += int(ids.numel())
+            with torch.no_grad():
+                for n, p in loaded().items():
+                    f = first_of[n]
+                    stash = pending[k].get(f)
+                    if p.grad is None:  # (a tied head's rows left alone are added below)
+                        continue
+                    if stash is None:
+                        add(f, p.grad, p)
+                    else:
+                        sel, g_head, _ = stash
+                        outside = torch.ones(p.shape[0], dtype=torch.bool)
+                        outside[sel] = False
+                        if bool(p.grad[outside].any()):
+                            raise Unsupported(f"{n}: its gradient reaches rows the sequence's tokens do not select")
+                        add(f, p.grad[sel] + g_head, p[sel], sel)
+                        del pending[k][f]
+                    p.grad = None
+                for f, (sel, g_head, w_head) in pending[k].items():  # a tied matrix the embedding pass did not reach
+                    add(f, g_head, w_head, sel)
+        mean_squares()
+    runner.grad_outside = False
+    for n in rest:  # a matrix outside the blocks neither pass ran (no gradient): read for its mean square
+        if n not in mean_w2:
+            mean_w2[n] = _mean_square(runner.source.get(n).to(runner.dtype))
     fisher, fisher_w2, out_mean, out_rows = {}, {}, {}, {}
     for n in names:
         f = first_of[n]

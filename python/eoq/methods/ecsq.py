@@ -56,6 +56,14 @@ the counts (counts_coded_bits, the same number coded_bits gives on the codes). T
 search, the exact-size loop's first estimate and eoq.allocate's curves all use it; only
 error feedback, which chooses other codes than rounding, still counts real codes.
 
+Memory: a tensor of more than two CHUNK_VALUES chunks (a vocabulary matrix) is streamed
+(Problem ``stream``): it stays in the caller's dtype (bf16 from the file), and every pass
+(range, histograms, codes, reconstruction sums) rotates it again chunk by chunk. Every
+step is row-local and the reconstruction sums add chunk onto chunk in row order, so the
+codes, steps and points are the whole-tensor path's bit for bit; only the codes (a byte a
+weight) are whole. It costs a rotation per pass (~2x the time of such a tensor) and saves
+three float32 copies of it.
+
 Theory (high rate, Gaussian): a uniform quantizer with ideal entropy coding sits
 0.254 bit/weight above the rate-distortion bound (the 1.53 dB space-filling loss); fixed-
 rate Lloyd-Max sits further above it (0.42 bit at 4 bits).
