@@ -93,6 +93,38 @@ def test_fisher_pass_equals_the_whole_models(tmp_path, arch):
         assert len(runner.tied) == 1
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])  # tied, untied, tied with positions
+def test_fisher_pass_with_a_streamed_head(tmp_path, monkeypatch, arch):
+    # The head run from its file in row chunks (eoq.streamed_head), its weight gradient never
+    # formed: the same sums as the whole model's within float32 rounding (x's gradient is
+    # added chunk after chunk), here with 7-row chunks.
+    from eoq import sensitivity, streamed_head
+
+    src = sources.open_source(save(arch, tmp_path / "m"))
+    seqs = _seqs()
+    whole = sensitivity.fisher_pass(src.load_model(), seqs, row_params=src.vocab, seed=3)
+    runner = blockwise.BlockRunner(src)
+    head = runner.model.get_output_embeddings()
+    monkeypatch.setattr(streamed_head, "STREAM_VALUES", 0)
+    monkeypatch.setattr(sensitivity, "CHUNK_ELEMENTS", 7 * head.in_features)
+    chunks = []
+    real = streamed_head.StreamedHead.__init__
+
+    def spy(self, weight, on_grad, rows, dtype=torch.float32):
+        real(self, weight, lambda r0, g, w: chunks.append(g.shape[0]) or on_grad(r0, g, w), rows, dtype)
+
+    monkeypatch.setattr(streamed_head.StreamedHead, "__init__", spy)
+    blocks = sensitivity.fisher_pass_blockwise(runner, seqs, row_params=src.vocab, seed=3)
+    assert chunks and max(chunks) == 7 and sum(chunks) == 3 * head.out_features  # 3 sequences
+    assert head.weight.is_meta  # the model's own head module was never read
+    for n in whole.fisher:
+        assert blocks.fisher[n] == pytest.approx(whole.fisher[n], rel=1e-5), n
+        assert blocks.fisher_w2[n] == pytest.approx(whole.fisher_w2[n], rel=1e-5), n
+        assert blocks.mean_w2[n] == whole.mean_w2[n], n
+    for n in whole.rows:
+        torch.testing.assert_close(blocks.rows[n], whole.rows[n], rtol=1e-5, atol=0)
+
+
 def test_calibration_holds_one_vocabulary_matrix_at_a_time(tmp_path, monkeypatch):
     # Both passes (statistics, Fisher) run on one BlockRunner, which reads a module outside the
     # blocks when it runs and drops it when the pass that ran it ends: the embedding (tied to

@@ -42,7 +42,9 @@ weights of an embedding when the model has no output distribution to differentia
 Memory: ``fisher_pass`` holds the whole model and its gradients (2x the float32 model).
 ``fisher_pass_blockwise`` (what a conversion from a folder uses) gives the same sums with one
 decoder block and its gradients in memory, plus every block's input hidden states for the
-Fisher sequences (eoq.blockwise; 2 GiB for an 8 B model at 8 x 512 tokens).
+Fisher sequences (eoq.blockwise; 2 GiB for an 8 B model at 8 x 512 tokens). The embedding
+and the head are read in different steps; a large head (eoq.streamed_head) is run from its
+file in row chunks, its weight gradient squared and added chunk by chunk, never whole.
 """
 
 from __future__ import annotations
@@ -213,6 +215,53 @@ def _mean_square(p: torch.Tensor) -> float:
     return float(round_sig(total / p.numel()))
 
 
+class _HeadGradients:
+    """The Fisher sums of a streamed head (eoq.streamed_head): each chunk's weight gradient of
+    the current sequence goes into the sums as it comes; of a tied head, the rows the
+    sequence's tokens select are kept aside (as fisher_pass_blockwise does with a whole
+    head's gradient) for the embedding step to add its own gradient to."""
+
+    def __init__(self, name: Optional[str], first: Optional[str], tied: bool, add):
+        self.name, self.first, self.tied, self.add = name, first, tied, add
+        self.sel, self.pieces = None, []
+
+    def start(self, ids: torch.Tensor) -> None:
+        self.sel, self.pieces = ids.reshape(-1).unique(), []
+
+    def __call__(self, r0: int, g: torch.Tensor, w: torch.Tensor) -> None:
+        if not self.tied:
+            self.add(self.first, g, w, row0=r0)
+            return
+        local = self.sel[(self.sel >= r0) & (self.sel < r0 + g.shape[0])] - r0
+        keep = torch.ones(g.shape[0], dtype=torch.bool)
+        keep[local] = False
+        self.add(self.first, g[keep], w[keep], keep.nonzero().reshape(-1) + r0)
+        self.pieces.append((local + r0, g[local].clone(), w[local].clone()))
+
+    def finish(self, stash: dict) -> None:
+        if self.tied and self.pieces:
+            sel, g, w = (torch.cat(x) for x in zip(*self.pieces))
+            stash[self.first] = (sel, g, w)
+
+
+def _streamed_head(runner, rest: list[str], first_of: dict, tied_firsts: set, add):
+    """(context swapping a large head for a StreamedHead, its _HeadGradients), or a null
+    context and a _HeadGradients that does nothing, when the head is not streamed."""
+    import contextlib
+
+    from .streamed_head import StreamedHead, head_to_stream, swapped
+
+    module = head_to_stream(runner.model, set(rest))
+    if module is None:
+        return contextlib.nullcontext(), _HeadGradients(None, None, False, add)
+    name = f"{module}.weight"
+    first = first_of[name]
+    grads = _HeadGradients(name, first, first in tied_firsts, add)
+    stored = runner.source.get(name)  # the file's bf16, a memory map: read chunk by chunk
+    rows = max(1, CHUNK_ELEMENTS // stored.shape[1])  # one of add()'s chunks per head chunk
+    return swapped(runner.model, module, StreamedHead(stored, grads, rows, runner.dtype)), grads
+
+
 class Unsupported(Exception):
     """The block-by-block Fisher pass cannot reproduce this model's gradients exactly."""
 
@@ -255,10 +304,10 @@ def fisher_pass_blockwise(runner, sequences: list[torch.Tensor], row_params: Ite
     mean_w2: dict[str, float] = {}
     tied_firsts = {f for f in firsts if f in runner.tied}
 
-    def add(first, g, w, sel=None):
-        """Squared gradient g of parameter `first` (rows `sel` only, when given) into the sums,
-        CHUNK_ELEMENTS at a time: float64 copies of a whole vocabulary matrix would cost
-        three times its float32 size (an 8 B model's head: 12 GiB)."""
+    def add(first, g, w, sel=None, row0=0):
+        """Squared gradient g of parameter `first` (rows `sel` only, when given; else rows
+        row0..) into the sums, CHUNK_ELEMENTS at a time: float64 copies of a whole vocabulary
+        matrix would cost three times its float32 size (an 8 B model's head: 12 GiB)."""
         step = max(1, CHUNK_ELEMENTS // max(1, g.shape[1]))
         for r0 in range(0, g.shape[0], step):
             g2 = g[r0:r0 + step].double().pow(2)
@@ -266,7 +315,7 @@ def fisher_pass_blockwise(runner, sequences: list[torch.Tensor], row_params: Ite
             acc_w2[first] += (g2 * w[r0:r0 + step].double().pow(2)).sum()
             if first in rows:
                 if sel is None:
-                    rows[first][r0:r0 + step] += g2.sum(1)
+                    rows[first][row0 + r0:row0 + r0 + step] += g2.sum(1)
                 else:
                     rows[first].index_add_(0, sel[r0:r0 + step], g2.sum(1))
 
@@ -301,9 +350,11 @@ def fisher_pass_blockwise(runner, sequences: list[torch.Tensor], row_params: Ite
     runner.grad_outside = True
     grads, pending = [], []  # pending[k]: {first: (rows, head gradient there, head rows)} of the tied matrices
     outputs = [None] * len(seqs)
-    with runner.outside(), runner.tail(outputs) as current:  # 2
+    head, on_head = _streamed_head(runner, rest, first_of, tied_firsts, add)
+    with runner.outside(), runner.tail(outputs) as current, head:  # 2
         for k, ids in enumerate(seqs):
             current[0] = k
+            on_head.start(ids)
             outputs[k] = hidden[k].detach().requires_grad_(True)
             logits = model(input_ids=ids.reshape(1, -1), use_cache=False).logits[0].float()
             logp = torch.log_softmax(logits, dim=-1)
@@ -326,6 +377,7 @@ def fisher_pass_blockwise(runner, sequences: list[torch.Tensor], row_params: Ite
                     else:
                         add(f, p.grad, p)
                     p.grad = None
+            on_head.finish(stash)
             pending.append(stash)
         mean_squares()
     del hidden
@@ -381,9 +433,9 @@ def fisher_pass_blockwise(runner, sequences: list[torch.Tensor], row_params: Ite
                     add(f, g_head, w_head, sel)
         mean_squares()
     runner.grad_outside = False
-    for n in rest:  # a matrix outside the blocks neither pass ran (no gradient): read for its mean square
+    for n in rest:  # a streamed head, or a matrix neither pass ran: its mean square from the file
         if n not in mean_w2:
-            mean_w2[n] = _mean_square(runner.source.get(n).to(runner.dtype))
+            mean_w2[n] = _mean_square(runner.source.get(n))  # (bf16 -> float64 chunk by chunk: exact)
     fisher, fisher_w2, out_mean, out_rows = {}, {}, {}, {}
     for n in names:
         f = first_of[n]

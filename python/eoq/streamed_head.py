@@ -1,0 +1,86 @@
+"""An output head run from its weight file, without its weight held or its gradient formed.
+
+Why: an 8 B model's head is a 128 256 x 4096 matrix, 2 GiB in float32, and in the Fisher
+pass its gradient is as much again, while the rest of a block-by-block pass holds about one
+decoder block (0.9 GiB). Here ``logits = x W^T`` is computed over row chunks of W read from
+the stored tensor (bf16 as the file has it, a memory map; float32 one chunk at a time), and
+backward gives x's gradient and hands each chunk's weight gradient ``g_c^T x`` to a callback
+(the Fisher pass squares and adds it, eoq.sensitivity) instead of forming the whole of it.
+
+Exactness: every logit and every weight gradient is one dot product, as in the whole head;
+the chunks only split the output dimension. x's gradient is a sum over the output dimension,
+added here chunk after chunk, and BLAS may block a smaller product differently, so the last
+bits can differ from the whole head's (tests/test_sensitivity.py bounds the Fisher sums).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Optional
+
+import torch
+
+# A bias-free Linear head of more than this many weights is streamed (128 MiB in float32):
+# every real vocabulary head (49 152 x 2048 = 100 M for a 1 B model), not a tiny test model's.
+STREAM_VALUES = 1 << 25
+
+# on_grad(first_row, weight gradient of rows first_row.., those rows of W in float32)
+OnGrad = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+class _Head(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, on_grad, rows, dtype):
+        out = x.new_empty(*x.shape[:-1], weight.shape[0])
+        for r0 in range(0, weight.shape[0], rows):
+            out[..., r0:r0 + rows] = torch.matmul(x, weight[r0:r0 + rows].to(dtype).t())
+        ctx.save_for_backward(x)
+        ctx.weight, ctx.on_grad, ctx.rows, ctx.dtype = weight, on_grad, rows, dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, = ctx.saved_tensors
+        x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+        gx = torch.zeros_like(x2)
+        for r0 in range(0, ctx.weight.shape[0], ctx.rows):
+            w = ctx.weight[r0:r0 + ctx.rows].to(ctx.dtype)
+            gc = g2[:, r0:r0 + ctx.rows]
+            gx.add_(gc @ w)
+            ctx.on_grad(r0, gc.t() @ x2, w)
+        return gx.reshape(x.shape), None, None, None, None
+
+
+class StreamedHead(torch.nn.Module):
+    """Stands in for a bias-free Linear head: ``weight`` the stored [out, in] tensor (any float
+    dtype), computed in ``dtype``, ``rows`` output rows at a time."""
+
+    def __init__(self, weight: torch.Tensor, on_grad: OnGrad, rows: int, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.stored, self.on_grad, self.rows, self.dtype = weight, on_grad, int(rows), dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _Head.apply(x.to(self.dtype), self.stored, self.on_grad, self.rows, self.dtype)
+
+
+def head_to_stream(model: torch.nn.Module, weights: set[str]) -> Optional[str]:
+    """The module name of the model's output head when it is streamed: a bias-free Linear whose
+    weight (one of ``weights``) has more than STREAM_VALUES values; else None."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None or head.weight.numel() <= STREAM_VALUES:
+        return None
+    name = next((n for n, m in model.named_modules() if m is head), None)
+    return name if name is not None and f"{name}.weight" in weights else None
+
+
+@contextlib.contextmanager
+def swapped(model: torch.nn.Module, name: str, module: torch.nn.Module):
+    """While inside, submodule `name` is `module`."""
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    original = getattr(parent, attr)
+    setattr(parent, attr, module)
+    try:
+        yield module
+    finally:
+        setattr(parent, attr, original)
