@@ -13,12 +13,20 @@ def _seqs(vocab=290, n=3, length=40):
     return [torch.randint(3, vocab, (length,), generator=torch.Generator().manual_seed(i)) for i in range(n)]
 
 
+@pytest.mark.parametrize("stream_head", [False, True])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
-def test_statistics_equal_the_whole_models(tmp_path, arch):
+def test_statistics_equal_the_whole_models(tmp_path, monkeypatch, arch, stream_head):
+    from eoq import streamed_head
+
     src = sources.open_source(save(arch, tmp_path / "m"))
     seqs = _seqs()
     whole = calibration.collect_stats(src.load_model(), seqs, progress=False, covariance=True)
-    blocks = calibration.collect_stats_blockwise(blockwise.BlockRunner(src), seqs, progress=False, covariance=True)
+    if stream_head:  # the head run from its file in row chunks: its input's statistics unchanged
+        monkeypatch.setattr(streamed_head, "STREAM_VALUES", 0)
+        monkeypatch.setattr(streamed_head, "ROWS_VALUES", 5 * src.config.hidden_size)
+    runner = blockwise.BlockRunner(src)
+    assert (runner.head is not None) == stream_head
+    blocks = calibration.collect_stats_blockwise(runner, seqs, progress=False, covariance=True)
     assert list(blocks) == list(whole)  # every Linear, the head included, in the model's order
     for name, s in whole.items():
         b = blocks[name]
@@ -103,20 +111,25 @@ def test_fisher_pass_with_a_streamed_head(tmp_path, monkeypatch, arch):
     src = sources.open_source(save(arch, tmp_path / "m"))
     seqs = _seqs()
     whole = sensitivity.fisher_pass(src.load_model(), seqs, row_params=src.vocab, seed=3)
-    runner = blockwise.BlockRunner(src)
-    head = runner.model.get_output_embeddings()
+    hidden = src.config.hidden_size
     monkeypatch.setattr(streamed_head, "STREAM_VALUES", 0)
-    monkeypatch.setattr(sensitivity, "CHUNK_ELEMENTS", 7 * head.in_features)
+    monkeypatch.setattr(streamed_head, "ROWS_VALUES", 7 * hidden)
+    monkeypatch.setattr(sensitivity, "CHUNK_ELEMENTS", 7 * hidden)
+    runner = blockwise.BlockRunner(src)
+    assert runner.head is not None
+    head = runner.model.get_submodule(runner.head)
     chunks = []
-    real = streamed_head.StreamedHead.__init__
+    real = streamed_head._Head.backward
 
-    def spy(self, weight, on_grad, rows, dtype=torch.float32):
-        real(self, weight, lambda r0, g, w: chunks.append(g.shape[0]) or on_grad(r0, g, w), rows, dtype)
+    def spy(ctx, g):
+        on_grad = ctx.on_grad
+        ctx.on_grad = lambda r0, gw, w: chunks.append(gw.shape[0]) or on_grad(r0, gw, w)
+        return real(ctx, g)
 
-    monkeypatch.setattr(streamed_head.StreamedHead, "__init__", spy)
+    monkeypatch.setattr(streamed_head._Head, "backward", staticmethod(spy))
     blocks = sensitivity.fisher_pass_blockwise(runner, seqs, row_params=src.vocab, seed=3)
     assert chunks and max(chunks) == 7 and sum(chunks) == 3 * head.out_features  # 3 sequences
-    assert head.weight.is_meta  # the model's own head module was never read
+    assert head.weight.is_meta  # the head module's own weight was never read
     for n in whole.fisher:
         assert blocks.fisher[n] == pytest.approx(whole.fisher[n], rel=1e-5), n
         assert blocks.fisher_w2[n] == pytest.approx(whole.fisher_w2[n], rel=1e-5), n

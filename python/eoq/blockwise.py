@@ -154,8 +154,17 @@ class BlockRunner:
         self._capturing = False
         self._own: dict[str, list[str]] = {}  # module -> its tensors read from the files
         files = set(source.names)
+        # A large bias-free head runs from its file in row chunks (eoq.streamed_head): never
+        # read whole. ``on_head_grad`` takes its weight gradient chunk by chunk (Fisher pass).
+        from .streamed_head import head_to_stream
+
+        self.head = head_to_stream(model, files)
+        self.on_head_grad = None
+        self._head_stored: Optional[torch.Tensor] = None
+        if self.head is not None:
+            model.get_submodule(self.head).forward = self._head_forward
         for name, module in model.named_modules():
-            if name == self.blocks_name or name.startswith(self.prefix):
+            if name == self.blocks_name or name.startswith(self.prefix) or name == self.head:
                 continue
             own = [n for n, _ in module.named_parameters(recurse=False)]
             own += [n for n, _ in module.named_buffers(recurse=False) if _join(name, n) in files]
@@ -200,6 +209,13 @@ class BlockRunner:
             t = getattr(module, n)
             set_module_tensor_to_device(module, n, "cpu", value=torch.zeros((), dtype=t.dtype).expand(t.shape))
 
+    def _head_forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .streamed_head import head_logits
+
+        if self._head_stored is None:  # the file's tensor (a memory map), dropped with the pass
+            self._head_stored = self.source.get(f"{self.head}.weight")
+        return head_logits(x, self._head_stored, self.on_head_grad, self.dtype)
+
     def loaded_parameter(self, name: str) -> Optional[torch.nn.Parameter]:
         """Parameter `name` outside the blocks as read from the files, while its module is
         loaded (not a placeholder); else None."""
@@ -222,6 +238,7 @@ class BlockRunner:
                     set_module_tensor_to_device(module, n, "meta")
             self._loaded.clear()
             self._placeholders.clear()
+            self._head_stored = None
 
     def _load(self, module: torch.nn.Module, prefix: str) -> None:
         """Read every parameter (and stored buffer) of block `module` from the files, in self.dtype."""

@@ -372,7 +372,8 @@ def allocate_rates(source: Source, config: QuantConfig, partial: "Partial", plan
     fixed = sum(e["stored_bytes"] for n, e in entries.items() if n not in names)
     fixed += len(repo.MARKER_TEXT.encode()) if names or any(repo.is_quantized(e) for e in entries.values()) else 0
     budget = budget_bits(source, config)
-    weights = sum(source.spec(n).numel() for n in names)
+    sizes = {n: source.spec(n).numel() for n in names}  # (each header read once)
+    weights = sum(sizes.values())
     left = budget - 8 * fixed
     if weights and left < lo * weights * (1 - 1e-9):
         raise ValueError(f"{source.name}: after the fixed tensors ({fixed / 1e6:.3f} MB: passthrough, protect rules) "
@@ -405,12 +406,12 @@ def allocate_rates(source: Source, config: QuantConfig, partial: "Partial", plan
         with weights_bar(source, names, "allocate", progress) as bar:
             for i, curve in executor.map(run_curve_job, jobs()):
                 measured[names[i]] = curve
-                bar.update(source.spec(names[i]).numel())
+                bar.update(sizes[names[i]])
         curves = {}
         for name in names:  # in the tensors' order, whatever order the curves came in
             rates_, dists = measured[name]
             c = sens.coefficient(name) if mode == "sensitivity" else 1.0
-            curves[name] = (source.spec(name).numel(), rates_, [allocate.round_sig(d * c) for d in dists])
+            curves[name] = (sizes[name], rates_, [allocate.round_sig(d * c) for d in dists])
         rates = allocate.solve(curves, left)
         result["feedback_curves"] = with_feedback[0]
         if mode == "sensitivity":  # what the linear model predicts for this allocation

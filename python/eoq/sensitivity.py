@@ -216,7 +216,7 @@ def _mean_square(p: torch.Tensor) -> float:
 
 
 class _HeadGradients:
-    """The Fisher sums of a streamed head (eoq.streamed_head): each chunk's weight gradient of
+    """The Fisher sums of a streamed head (BlockRunner.head): each chunk's weight gradient of
     the current sequence goes into the sums as it comes; of a tied head, the rows the
     sequence's tokens select are kept aside (as fisher_pass_blockwise does with a whole
     head's gradient) for the embedding step to add its own gradient to."""
@@ -242,24 +242,6 @@ class _HeadGradients:
         if self.tied and self.pieces:
             sel, g, w = (torch.cat(x) for x in zip(*self.pieces))
             stash[self.first] = (sel, g, w)
-
-
-def _streamed_head(runner, rest: list[str], first_of: dict, tied_firsts: set, add):
-    """(context swapping a large head for a StreamedHead, its _HeadGradients), or a null
-    context and a _HeadGradients that does nothing, when the head is not streamed."""
-    import contextlib
-
-    from .streamed_head import StreamedHead, head_to_stream, swapped
-
-    module = head_to_stream(runner.model, set(rest))
-    if module is None:
-        return contextlib.nullcontext(), _HeadGradients(None, None, False, add)
-    name = f"{module}.weight"
-    first = first_of[name]
-    grads = _HeadGradients(name, first, first in tied_firsts, add)
-    stored = runner.source.get(name)  # the file's bf16, a memory map: read chunk by chunk
-    rows = max(1, CHUNK_ELEMENTS // stored.shape[1])  # one of add()'s chunks per head chunk
-    return swapped(runner.model, module, StreamedHead(stored, grads, rows, runner.dtype)), grads
 
 
 class Unsupported(Exception):
@@ -350,8 +332,10 @@ def fisher_pass_blockwise(runner, sequences: list[torch.Tensor], row_params: Ite
     runner.grad_outside = True
     grads, pending = [], []  # pending[k]: {first: (rows, head gradient there, head rows)} of the tied matrices
     outputs = [None] * len(seqs)
-    head, on_head = _streamed_head(runner, rest, first_of, tied_firsts, add)
-    with runner.outside(), runner.tail(outputs) as current, head:  # 2
+    head = f"{runner.head}.weight" if runner.head is not None else None
+    on_head = _HeadGradients(head, first_of.get(head), first_of.get(head) in tied_firsts, add)
+    runner.on_head_grad = on_head if head is not None else None
+    with runner.outside(), runner.tail(outputs) as current:  # 2
         for k, ids in enumerate(seqs):
             current[0] = k
             on_head.start(ids)
@@ -380,6 +364,7 @@ def fisher_pass_blockwise(runner, sequences: list[torch.Tensor], row_params: Ite
             on_head.finish(stash)
             pending.append(stash)
         mean_squares()
+    runner.on_head_grad = None
     del hidden
     for i in tqdm(reversed(range(len(runner.blocks))), total=len(runner.blocks), desc="sensitivity backward",
                   unit="block", disable=not progress):  # 3

@@ -7,6 +7,9 @@ the stored tensor (bf16 as the file has it, a memory map; float32 one chunk at a
 backward gives x's gradient and hands each chunk's weight gradient ``g_c^T x`` to a callback
 (the Fisher pass squares and adds it, eoq.sensitivity) instead of forming the whole of it.
 
+eoq.blockwise.BlockRunner runs a large head this way (its forward replaced, so hooks on the
+module still fire); the Fisher pass gives the callback.
+
 Exactness: every logit and every weight gradient is one dot product, as in the whole head;
 the chunks only split the output dimension. x's gradient is a sum over the output dimension,
 added here chunk after chunk, and BLAS may block a smaller product differently, so the last
@@ -15,7 +18,6 @@ bits can differ from the whole head's (tests/test_sensitivity.py bounds the Fish
 
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, Optional
 
 import torch
@@ -24,8 +26,24 @@ import torch
 # every real vocabulary head (49 152 x 2048 = 100 M for a 1 B model), not a tiny test model's.
 STREAM_VALUES = 1 << 25
 
+# W rows per chunk: ROWS_VALUES // in_features, the chunk the Fisher sums square at a time
+# (sensitivity.CHUNK_ELEMENTS), so each head chunk is one of their additions.
+ROWS_VALUES = 1 << 23
+
 # on_grad(first_row, weight gradient of rows first_row.., those rows of W in float32)
 OnGrad = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+def head_logits(x: torch.Tensor, stored: torch.Tensor, on_grad: Optional[OnGrad], dtype: torch.dtype) -> torch.Tensor:
+    """x W^T for the stored W [out, in] (any float dtype), in ``dtype``, W read in row chunks;
+    backward hands each chunk's weight gradient to ``on_grad`` (None: an error, the caller
+    did not expect a backward pass)."""
+    rows = max(1, ROWS_VALUES // stored.shape[1])
+    return _Head.apply(x.to(dtype), stored, on_grad or _unexpected, rows, dtype)
+
+
+def _unexpected(*_):
+    raise RuntimeError("a streamed head was backpropagated through with no gradient callback")
 
 
 class _Head(torch.autograd.Function):
@@ -51,18 +69,6 @@ class _Head(torch.autograd.Function):
         return gx.reshape(x.shape), None, None, None, None
 
 
-class StreamedHead(torch.nn.Module):
-    """Stands in for a bias-free Linear head: ``weight`` the stored [out, in] tensor (any float
-    dtype), computed in ``dtype``, ``rows`` output rows at a time."""
-
-    def __init__(self, weight: torch.Tensor, on_grad: OnGrad, rows: int, dtype: torch.dtype = torch.float32):
-        super().__init__()
-        self.stored, self.on_grad, self.rows, self.dtype = weight, on_grad, int(rows), dtype
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _Head.apply(x.to(self.dtype), self.stored, self.on_grad, self.rows, self.dtype)
-
-
 def head_to_stream(model: torch.nn.Module, weights: set[str]) -> Optional[str]:
     """The module name of the model's output head when it is streamed: a bias-free Linear whose
     weight (one of ``weights``) has more than STREAM_VALUES values; else None."""
@@ -71,16 +77,3 @@ def head_to_stream(model: torch.nn.Module, weights: set[str]) -> Optional[str]:
         return None
     name = next((n for n, m in model.named_modules() if m is head), None)
     return name if name is not None and f"{name}.weight" in weights else None
-
-
-@contextlib.contextmanager
-def swapped(model: torch.nn.Module, name: str, module: torch.nn.Module):
-    """While inside, submodule `name` is `module`."""
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name)
-    original = getattr(parent, attr)
-    setattr(parent, attr, module)
-    try:
-        yield module
-    finally:
-        setattr(parent, attr, original)
