@@ -16,14 +16,14 @@ def _seqs(vocab=290, n=3, length=40):
 @pytest.mark.parametrize("stream_head", [False, True])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 def test_statistics_equal_the_whole_models(tmp_path, monkeypatch, arch, stream_head):
-    from eoq import streamed_head
+    from eoq import streamed_vocab
 
     src = sources.open_source(save(arch, tmp_path / "m"))
     seqs = _seqs()
     whole = calibration.collect_stats(src.load_model(), seqs, progress=False, covariance=True)
     if stream_head:  # the head run from its file in row chunks: its input's statistics unchanged
-        monkeypatch.setattr(streamed_head, "STREAM_VALUES", 0)
-        monkeypatch.setattr(streamed_head, "ROWS_VALUES", 5 * src.config.hidden_size)
+        monkeypatch.setattr(streamed_vocab, "STREAM_VALUES", 0)
+        monkeypatch.setattr(streamed_vocab, "ROWS_VALUES", 5 * src.config.hidden_size)
     runner = blockwise.BlockRunner(src)
     assert (runner.head is not None) == stream_head
     blocks = calibration.collect_stats_blockwise(runner, seqs, progress=False, covariance=True)
@@ -102,34 +102,37 @@ def test_fisher_pass_equals_the_whole_models(tmp_path, arch):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])  # tied, untied, tied with positions
-def test_fisher_pass_with_a_streamed_head(tmp_path, monkeypatch, arch):
-    # The head run from its file in row chunks (eoq.streamed_head), its weight gradient never
-    # formed: the same sums as the whole model's within float32 rounding (x's gradient is
-    # added chunk after chunk), here with 7-row chunks.
-    from eoq import sensitivity, streamed_head
+def test_fisher_pass_with_streamed_vocabulary_matrices(tmp_path, monkeypatch, arch):
+    # The head run from its file in row chunks, its weight gradient never formed, and the
+    # embedding by the rows its tokens select (eoq.streamed_vocab): the same sums as the whole
+    # model's within float32 rounding (x's gradient is added chunk after chunk), here with
+    # 7-row chunks.
+    from eoq import sensitivity, streamed_vocab
 
     src = sources.open_source(save(arch, tmp_path / "m"))
     seqs = _seqs()
     whole = sensitivity.fisher_pass(src.load_model(), seqs, row_params=src.vocab, seed=3)
     hidden = src.config.hidden_size
-    monkeypatch.setattr(streamed_head, "STREAM_VALUES", 0)
-    monkeypatch.setattr(streamed_head, "ROWS_VALUES", 7 * hidden)
+    monkeypatch.setattr(streamed_vocab, "STREAM_VALUES", 0)
+    monkeypatch.setattr(streamed_vocab, "ROWS_VALUES", 7 * hidden)
     monkeypatch.setattr(sensitivity, "CHUNK_ELEMENTS", 7 * hidden)
     runner = blockwise.BlockRunner(src)
     assert runner.head is not None
     head = runner.model.get_submodule(runner.head)
     chunks = []
-    real = streamed_head._Head.backward
+    real = streamed_vocab._Head.backward
 
     def spy(ctx, g):
         on_grad = ctx.on_grad
         ctx.on_grad = lambda r0, gw, w: chunks.append(gw.shape[0]) or on_grad(r0, gw, w)
         return real(ctx, g)
 
-    monkeypatch.setattr(streamed_head._Head, "backward", staticmethod(spy))
+    monkeypatch.setattr(streamed_vocab._Head, "backward", staticmethod(spy))
     blocks = sensitivity.fisher_pass_blockwise(runner, seqs, row_params=src.vocab, seed=3)
     assert chunks and max(chunks) == 7 and sum(chunks) == 3 * head.out_features  # 3 sequences
-    assert head.weight.is_meta  # the head module's own weight was never read
+    embedding = runner.model.get_input_embeddings()
+    assert next(n for n, m in runner.model.named_modules() if m is embedding) in runner.embeddings  # (gpt2: wpe too)
+    assert head.weight.is_meta and embedding.weight.is_meta  # neither module's own weight was ever read
     for n in whole.fisher:
         assert blocks.fisher[n] == pytest.approx(whole.fisher[n], rel=1e-5), n
         assert blocks.fisher_w2[n] == pytest.approx(whole.fisher_w2[n], rel=1e-5), n
@@ -201,7 +204,8 @@ def test_calibration_that_cannot_fit_is_refused_before_it_starts(tmp_path, monke
         convert.calibrate_model(folder, tmp_path / "calib", cfg, progress=False)
 
 
-def test_calibration_memory_estimate_by_part(tmp_path):
+def test_calibration_memory_estimate_by_part(tmp_path, monkeypatch):
+    from eoq import streamed_vocab
     from tinymodels import build
 
     config = sources.open_source(save("llama", tmp_path / "m")).config
@@ -216,4 +220,10 @@ def test_calibration_memory_estimate_by_part(tmp_path):
     vocab = model.model.embed_tokens.weight.numel()  # the tiny llama's embedding and head (tied: counted twice)
     assert base[grad] == 0 and more[grad] == 4 * vocab
     outside = sum(p.numel() for n, p in model.named_parameters(remove_duplicate=False) if ".layers." not in n)
-    assert base["modules outside the blocks, one vocabulary matrix at a time (float32)"] == 4 * (outside - vocab)
+    assert base["modules outside the blocks read whole, one vocabulary matrix at a time (float32)"] == \
+        4 * (outside - vocab)
+    monkeypatch.setattr(streamed_vocab, "STREAM_VALUES", 0)  # both streamed: neither held, nor a gradient
+    streamed = blockwise.calibration_memory(config, tokens=2000, seq_len=100, fisher_tokens=500, covariance=False)
+    norms = sum(p.numel() for n, p in model.named_parameters() if ".layers." not in n and p.dim() == 1)
+    assert streamed["modules outside the blocks read whole, one vocabulary matrix at a time (float32)"] == 4 * norms
+    assert streamed[grad] == 4 * norms

@@ -98,3 +98,18 @@ def test_which_tensors_stream():
     assert not ecsq.streams(n, hessian=torch.eye(2))
     assert not ecsq.streams(n, lam=1.0)
     assert not ecsq.streams(n, group_rows=64)
+
+
+def test_a_conversion_is_byte_identical_streamed(tmp_path, monkeypatch):
+    # Every tensor of more than two 256-value chunks streamed: the same folder, byte for byte.
+    import eoq
+    from tinymodels import save
+
+    folder = save("qwen2", tmp_path / "m")
+    cfg = eoq.QuantConfig(bits=3.5, calibration=None, awq=False)
+    out = {}
+    for chunk in (1 << 24, 256):
+        monkeypatch.setattr(ecsq, "CHUNK_VALUES", chunk)
+        eoq.quantize_model(folder, tmp_path / str(chunk), cfg, progress=False, verbose=False)
+        out[chunk] = {p.name: p.read_bytes() for p in sorted((tmp_path / str(chunk)).iterdir()) if p.is_file()}
+    assert out[256] == out[1 << 24]

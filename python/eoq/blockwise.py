@@ -154,17 +154,24 @@ class BlockRunner:
         self._capturing = False
         self._own: dict[str, list[str]] = {}  # module -> its tensors read from the files
         files = set(source.names)
-        # A large bias-free head runs from its file in row chunks (eoq.streamed_head): never
-        # read whole. ``on_head_grad`` takes its weight gradient chunk by chunk (Fisher pass).
-        from .streamed_head import head_to_stream
+        # Large vocabulary matrices run from their file (eoq.streamed_vocab), never read whole:
+        # a bias-free head in row chunks (``on_head_grad`` takes its weight gradient chunk by
+        # chunk, the Fisher pass), an embedding by the rows its tokens select (``embedding_grads``).
+        from .streamed_vocab import embedding_to_stream, head_to_stream
 
         self.head = head_to_stream(model, files)
         self.on_head_grad = None
-        self._head_stored: Optional[torch.Tensor] = None
+        self._stored: dict[str, torch.Tensor] = {}  # streamed module -> its file's tensor, for one pass
+        self._tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # embedding -> (rows, table)
         if self.head is not None:
             model.get_submodule(self.head).forward = self._head_forward
+        self.embeddings = [n for n, m in model.named_modules() if not n.startswith(self.prefix)
+                           and n != self.head and embedding_to_stream(m) and f"{n}.weight" in files]
+        for name in self.embeddings:
+            model.get_submodule(name).forward = self._embedding_forward(name)
+        streamed = set(self.embeddings) | {self.head}
         for name, module in model.named_modules():
-            if name == self.blocks_name or name.startswith(self.prefix) or name == self.head:
+            if name == self.blocks_name or name.startswith(self.prefix) or name in streamed:
                 continue
             own = [n for n, _ in module.named_parameters(recurse=False)]
             own += [n for n, _ in module.named_buffers(recurse=False) if _join(name, n) in files]
@@ -209,12 +216,42 @@ class BlockRunner:
             t = getattr(module, n)
             set_module_tensor_to_device(module, n, "cpu", value=torch.zeros((), dtype=t.dtype).expand(t.shape))
 
-    def _head_forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .streamed_head import head_logits
+    def _stored_weight(self, name: str) -> torch.Tensor:
+        """The file's tensor of a streamed module (a memory map), kept until the pass ends."""
+        if name not in self._stored:
+            self._stored[name] = self.source.get(f"{name}.weight")
+        return self._stored[name]
 
-        if self._head_stored is None:  # the file's tensor (a memory map), dropped with the pass
-            self._head_stored = self.source.get(f"{self.head}.weight")
-        return head_logits(x, self._head_stored, self.on_head_grad, self.dtype)
+    def _head_forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .streamed_vocab import head_logits
+
+        return head_logits(x, self._stored_weight(self.head), self.on_head_grad, self.dtype)
+
+    def _embedding_forward(self, name: str):
+        from .streamed_vocab import embedding_rows
+
+        module = self.model.get_submodule(name)
+
+        def forward(ids: torch.Tensor) -> torch.Tensor:
+            if self._placeholding and name in self._before:  # the tail: thrown away, nothing read
+                return torch.zeros(*ids.shape, module.embedding_dim, dtype=self.dtype)
+            if self._capturing:
+                self._before.add(name)
+            rows, table, out = embedding_rows(ids, self._stored_weight(name), module.padding_idx, self.dtype,
+                                              self.grad_outside and torch.is_grad_enabled())
+            self._tables[name] = (rows, table)
+            return out
+        return forward
+
+    def embedding_grads(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """{weight name: (rows, their values, their gradient)} of the streamed embeddings' last
+        lookups that have a gradient (taken: a second call gives nothing until the next)."""
+        out = {}
+        for name, (rows, table) in list(self._tables.items()):
+            if table.grad is not None:
+                out[f"{name}.weight"] = (rows, table.detach(), table.grad)
+                del self._tables[name]
+        return out
 
     def loaded_parameter(self, name: str) -> Optional[torch.nn.Parameter]:
         """Parameter `name` outside the blocks as read from the files, while its module is
@@ -238,7 +275,8 @@ class BlockRunner:
                     set_module_tensor_to_device(module, n, "meta")
             self._loaded.clear()
             self._placeholders.clear()
-            self._head_stored = None
+            self._stored.clear()
+            self._tables.clear()
 
     def _load(self, module: torch.nn.Module, prefix: str) -> None:
         """Read every parameter (and stored buffer) of block `module` from the files, in self.dtype."""
@@ -374,9 +412,10 @@ def memory_budget() -> Optional[tuple[int, str]]:
 def calibration_memory(config, tokens: int, seq_len: int, fisher_tokens: int, covariance: bool) -> dict[str, int]:
     """What calibrating block by block holds at its peak, in bytes, by part (an estimate from
     the model's shapes, meant to err high; BENCHMARKS.md has it against measured peaks): the
-    modules outside the blocks in float32, all but the second largest (the embedding and the
-    head run in different passes, BlockRunner.outside), the largest one's gradient in the
-    Fisher pass, the largest block with its gradients, the hidden states of the calibration sequences,
+    modules outside the blocks that are read whole (not the streamed vocabulary matrices,
+    eoq.streamed_vocab) in float32, all but the second largest (the embedding and the head
+    run in different passes, BlockRunner.outside), the largest one's gradient in the Fisher
+    pass, the largest block with its gradients, the hidden states of the calibration sequences,
     the Fisher pass's stored block inputs, one sequence's working set inside a block and at
     the head, and, with error feedback, every Linear's input covariance (float64)."""
     from .sources import model_class
@@ -384,8 +423,13 @@ def calibration_memory(config, tokens: int, seq_len: int, fisher_tokens: int, co
     with torch.device("meta"):
         model = model_class(config)(config)
     blocks_name, blocks = find_blocks(model)
+    from .streamed_vocab import embedding_to_stream, head_to_stream
+
+    weights = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    streamed = {head_to_stream(model, weights)} | {n for n, m in model.named_modules() if embedding_to_stream(m)}
     modules = sorted((sum(p.numel() for p in m.parameters(recurse=False)) for n, m in model.named_modules()
-                      if n != blocks_name and not n.startswith(blocks_name + ".")), reverse=True) + [0, 0]
+                      if n != blocks_name and not n.startswith(blocks_name + ".") and n not in streamed),
+                     reverse=True) + [0, 0]
     held = sum(modules) - modules[1]  # never the embedding and the head at once
     block = max(sum(p.numel() for p in b.parameters()) for b in blocks)
     hidden = int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0) or 1)
@@ -394,7 +438,7 @@ def calibration_memory(config, tokens: int, seq_len: int, fisher_tokens: int, co
     vocab = int(getattr(config, "vocab_size", 0) or 1)
     need = {
         "the process itself (torch, transformers)": PROCESS_BYTES,
-        "modules outside the blocks, one vocabulary matrix at a time (float32)": 4 * held,
+        "modules outside the blocks read whole, one vocabulary matrix at a time (float32)": 4 * held,
         "the largest one's gradient in the Fisher pass": 4 * modules[0] if fisher_tokens else 0,
         "the largest block and its gradients (float32)": 8 * block,
         "hidden states of the calibration sequences": 2 * 4 * tokens * hidden,

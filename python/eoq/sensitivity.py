@@ -43,7 +43,7 @@ Memory: ``fisher_pass`` holds the whole model and its gradients (2x the float32 
 ``fisher_pass_blockwise`` (what a conversion from a folder uses) gives the same sums with one
 decoder block and its gradients in memory, plus every block's input hidden states for the
 Fisher sequences (eoq.blockwise; 2 GiB for an 8 B model at 8 x 512 tokens). The embedding
-and the head are read in different steps; a large head (eoq.streamed_head) is run from its
+and the head are read in different steps; a large head (eoq.streamed_vocab) is run from its
 file in row chunks, its weight gradient squared and added chunk by chunk, never whole.
 """
 
@@ -414,6 +414,14 @@ def fisher_pass_blockwise(runner, sequences: list[torch.Tensor], row_params: Ite
                         add(f, p.grad[sel] + g_head, p[sel], sel)
                         del pending[k][f]
                     p.grad = None
+                for n, (sel, w, g) in runner.embedding_grads().items():  # a streamed embedding: its rows' gradient
+                    f = first_of[n]
+                    stash = pending[k].pop(f, None)
+                    if stash is not None:  # tied: the head's gradient on the same rows (the sequence's tokens)
+                        if not torch.equal(stash[0], sel):
+                            raise Unsupported(f"{n}: the embedding's rows are not the tokens' the head's were kept for")
+                        g = g + stash[1]
+                    add(f, g, w, sel)
                 for f, (sel, g_head, w_head) in pending[k].items():  # a tied matrix the embedding pass did not reach
                     add(f, g_head, w_head, sel)
         mean_squares()
