@@ -2,9 +2,9 @@
 
 Why: calibration runs the calibration text through the model, and holding the whole model
 for it (float32: 4 bytes a parameter, ~32 GB for an 8 B model) is more than most machines
-have. Run block by block, the model costs what its largest block or its largest module
-outside the blocks (the embedding, the head: 2 GiB each in float32 for an 8 B model) takes,
-plus the hidden states of the calibration sequences.
+have. Run block by block, the model costs what its largest block takes, plus the hidden
+states of the calibration sequences: the vocabulary matrices (2 GiB each in float32 for an
+8 B model) are never held whole (eoq.streamed_vocab).
 
 How (the layer-by-layer scheme of GPTQ's and AutoAWQ's calibration):
   1. The model is built with accelerate's ``init_empty_weights``: parameters on the meta
@@ -12,7 +12,10 @@ How (the layer-by-layer scheme of GPTQ's and AutoAWQ's calibration):
      construction; checkpoints do not store them). The modules outside the blocks are read
      from the files (float32) when they run (a forward pre-hook) and dropped again when the
      pass that ran them ends (``outside()``): the embeddings live through the capture, the
-     final norm and head through the tail, never both.
+     final norm and head through the tail, never both. A large embedding or bias-free head
+     is not read whole at all: its forward is replaced by one that reads, from the file's
+     memory map, the rows its tokens select (the embedding) or row chunks (the head), and
+     the Fisher pass takes their gradients by those rows (eoq.streamed_vocab).
   2. The blocks are the ModuleList of same-class modules holding most of the parameters
      (``model.layers``, GPT-2's ``h``, BERT's ``encoder.layer``).
   3. Capture: the first block is replaced by a module that records its call (the hidden
@@ -27,7 +30,7 @@ How (the layer-by-layer scheme of GPTQ's and AutoAWQ's calibration):
      and the model's own forward pass runs the final norm and the head on them. The modules
      that ran in the capture (the embeddings) run again there, and what they give is thrown
      away by the replay: they get placeholder weights (zeros broadcast to the shape, no
-     memory) instead of a second read of the vocabulary matrix.
+     memory; a streamed embedding returns zeros) instead of a second read.
 
 Memory: before anything is read, ``check_calibration_memory`` estimates what the run will
 hold (``calibration_memory``: by part, from the model's shapes and the calibration's token
