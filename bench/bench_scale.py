@@ -480,7 +480,7 @@ def print_conversion_tables(rows: list, a) -> None:
               f"{_median(p, 'eoq', 'peak_rss') / gib:.2f} | {base} | {_median(p, 'baseline', 'wall_s'):.1f} | "
               f"{_median(p, 'baseline', 'peak_rss') / gib:.2f} | {r['ratio']:.2f} ({label}) | "
               f"{cmp_} {goal:g} {'met' if ok else 'NOT met'} |")
-    print("\n| model | what | eoq phases s (median) | eoq bits/param | llama bits/param | eoq weights/s | "
+    print("\n| model | what | eoq phases s (median; peak anonymous memory) | eoq bits/param | llama bits/param | eoq weights/s | "
           "llama weights/s | llama steps s |")
     print("|---|---|---|---:|---:|---:|---:|---|")
     for r in rows:
@@ -488,7 +488,9 @@ def print_conversion_tables(rows: list, a) -> None:
         if not p:
             continue
         names = list(p[0]["eoq"]["phases"])
-        ph = ", ".join(f"{n} {statistics.median(x['eoq']['phases'][n] for x in p):.1f}" for n in names)
+        anon = p[0]["eoq"].get("phase_peak_anon", {})  # (the first pair's)
+        ph = ", ".join(f"{n} {statistics.median(x['eoq']['phases'][n] for x in p):.1f}"
+                       + (f" ({anon[n] / gib:.2f} GiB anon)" if n in anon else "") for n in names)
         steps = ", ".join(f"{n} {statistics.median(x['baseline']['steps'][n]['wall_s'] for x in p):.1f}"
                           for n in p[0]["baseline"]["steps"])
         ew = statistics.median(x["eoq"]["quantized_weights"] / x["eoq"]["convert_s"] for x in p)

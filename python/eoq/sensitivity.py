@@ -215,6 +215,17 @@ def _mean_square(p: torch.Tensor) -> float:
     return float(round_sig(total / p.numel()))
 
 
+def _squared_then_freed(add, first: str):
+    """A post-accumulate-grad hook: the parameter's gradient into the sums of `first`, then
+    dropped (each parameter's own sums get the same additions in the same order as after the
+    whole backward pass)."""
+    def hook(p: torch.Tensor) -> None:
+        with torch.no_grad():
+            add(first, p.grad, p)
+        p.grad = None
+    return hook
+
+
 class _HeadGradients:
     """The Fisher sums of a streamed head (BlockRunner.head): each chunk's weight gradient of
     the current sequence goes into the sums as it comes; of a tied head, the rows the
@@ -372,17 +383,17 @@ def fisher_pass_blockwise(runner, sequences: list[torch.Tensor], row_params: Ite
         prefix = runner.block_name(i) + "."
         try:
             params = {prefix + n: p for n, p in block.named_parameters(remove_duplicate=False)}
+            hooks = []
             for n, p in params.items():
                 p.requires_grad_(n in first_of)
-            for k, call in enumerate(calls):
+                if n in first_of:  # each gradient squared and freed as soon as it is complete, so
+                    hooks.append(p.register_post_accumulate_grad_hook(_squared_then_freed(add, first_of[n])))
+            for k, call in enumerate(calls):  # a block's gradients never all exist at once
                 x = inputs[i][k].detach().requires_grad_(True)
                 runner.block_forward(block, x, call).backward(grads[k])
                 grads[k] = x.grad
-                with torch.no_grad():
-                    for n, p in params.items():
-                        if p.grad is not None:
-                            add(first_of[n], p.grad, p)
-                            p.grad = None
+            for h in hooks:
+                h.remove()
             with torch.no_grad():
                 for n, p in params.items():
                     if n in first_of:
