@@ -129,7 +129,7 @@ def rd_curve(w: torch.Tensor, importance: Optional[torch.Tensor] = None, block_s
     finest = max(p.lo, min(rms * 2.0 ** (2.05 - max_bits - TOP_MARGIN), p.hi / 2))
     lo, hi = torch.tensor([finest, p.hi]).log().tolist()  # float32, as the grid itself
     steps = [max(s, p.lo) for s in torch.linspace(lo, hi, GRID).exp().tolist()]
-    plain = [p.rate_and_spread_distortion(s, scale_to) for s in steps]
+    plain = p.rates_and_spread_distortions(steps, scale_to)
     if hessian is None:
         pts = [(bits / n, round_sig(dist / energy)) for bits, dist in plain]
     else:

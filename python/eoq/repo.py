@@ -121,8 +121,9 @@ def choose_codec(qt: QuantizedTensor, codec: str) -> tuple[str, torch.Tensor]:
     (ties to rANS); ecsq's codes only make sense entropy-coded, but packing is still exact."""
     if codec in ("rans", "packed"):
         return codec, qt.code_stream(codec)
-    rans, packed = qt.code_stream("rans"), qt.code_stream("packed")
-    return ("rans", rans) if rans.numel() <= packed.numel() else ("packed", packed)
+    rans = qt.code_stream("rans")
+    packed_bytes = -(-qt.codes.numel() * qt.code_bits // 8)  # (ops.pack_bits: ceil(n bits / 8), not made twice)
+    return ("rans", rans) if rans.numel() <= packed_bytes else ("packed", qt.code_stream("packed"))
 
 
 def quantized_entry(qt: QuantizedTensor, codec: str, kind: str, transposed: bool, shape, rule: Optional[str]

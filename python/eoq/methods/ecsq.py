@@ -291,12 +291,24 @@ class Problem:
     def histogram(self, step, row_error: bool = True) -> tuple[int, torch.Tensor, Optional[torch.Tensor]]:
         """(qmin, counts, per-row squared errors or None) of round(x / step) over every row:
         one ops.code_histogram pass, chunk by chunk when streamed."""
-        hs = [ops.code_histogram(self.x_rows(sl), step, self.range, row_error=row_error) for sl in self.spans]
-        qmin, counts = merge_histograms([(h.qmin, h.hist) for h in hs])
-        errors = None
-        if row_error:
-            errors = hs[0].row_error if len(hs) == 1 else torch.cat([h.row_error for h in hs])
-        return qmin, counts, errors
+        return self.histograms([step], row_error)[0]
+
+    def histograms(self, steps, row_error: bool = True) -> list[tuple[int, torch.Tensor, Optional[torch.Tensor]]]:
+        """histogram() at each of several steps; when streamed, each chunk is rotated once for
+        all of them (a rate-distortion curve's grid: one rotation pass, not one per step)."""
+        per_step = [[] for _ in steps]
+        for sl in self.spans:
+            x = self.x_rows(sl)
+            for out, step in zip(per_step, steps):
+                out.append(ops.code_histogram(x, step, self.range, row_error=row_error))
+        result = []
+        for hs in per_step:
+            qmin, counts = merge_histograms([(h.qmin, h.hist) for h in hs])
+            errors = None
+            if row_error:
+                errors = hs[0].row_error if len(hs) == 1 else torch.cat([h.row_error for h in hs])
+            result.append((qmin, counts, errors))
+        return result
 
     def rms(self) -> float:
         """The root mean square of x."""
@@ -332,16 +344,22 @@ class Problem:
         return offset, k, hi, lo
 
     def rate_and_spread_distortion(self, step, scale_to: Optional[tuple[int, int]] = None) -> tuple[float, float]:
-        """(total_bits, weighted distortion) of the whole tensor at one step, from one rounding.
-        The distortion is measured in the rotated domain: sum_i rho_i ||e_i||^2 * mean_c E[a_c^2]
+        return self.rates_and_spread_distortions([step], scale_to)[0]
+
+    def rates_and_spread_distortions(self, steps, scale_to: Optional[tuple[int, int]] = None
+                                     ) -> list[tuple[float, float]]:
+        """[(total_bits, weighted distortion)] of the whole tensor at each step, each from one
+        rounding (a streamed tensor rotated once for all the steps). The distortion is measured in the rotated domain: sum_i rho_i ||e_i||^2 * mean_c E[a_c^2]
         * cols / padded. A random rotation spreads each row's error evenly over its columns, so
         this is the expectation of the exact distortion() without the inverse rotation and the
         float64 copies (what makes a rate-distortion curve of a whole model affordable;
         eoq.allocate); measured within 0.1 % of it on Gaussian rows. ``scale_to`` = (codes,
         stored steps) of the whole tensor when these rows are a sample of it: the bits are
         then the whole tensor's (the distortion stays the sample's)."""
-        _, counts, e = self.histogram(step)
         codes, stored_steps = scale_to if scale_to is not None else (None, self.stored_steps)
+        return [self._rate_and_spread(counts, e, codes, stored_steps) for _, counts, e in self.histograms(steps)]
+
+    def _rate_and_spread(self, counts, e, codes, stored_steps) -> tuple[float, float]:
         bits = counts_coded_bits(counts, codes) + 32 * stored_steps
         if self.m is not None:
             e = e * self.m.reshape(-1).double().pow(2)
@@ -516,7 +534,9 @@ def _meet_exactly(p: Problem, steps, target: float):
     a few thousandths of a bit. At high rate R ~ h - log2(step), so growing every step by
     2^(excess / n) removes about `excess` bits.
     """
+    split = None
     for _ in range(8):
+        split = None  # (the last try's codes freed before the next: a byte a weight)
         split = p.split(steps)
         excess = 8 * split_bytes(split) + 32 * p.stored_steps - target
         if excess <= 0:
