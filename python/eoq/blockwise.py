@@ -412,6 +412,24 @@ def memory_budget() -> Optional[tuple[int, str]]:
     return None
 
 
+def release_freed_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing).
+    A pass over a model frees many tensors of a few MiB, which glibc serves from its heap
+    (below its dynamic mmap threshold, up to 32 MiB) and keeps after they are freed: what
+    comes after calibration would otherwise start with that much resident for nothing."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        trim = getattr(libc, "malloc_trim", None)
+    except OSError:
+        trim = None
+    if trim is not None:
+        trim(0)
+
+
 def calibration_memory(config, tokens: int, seq_len: int, fisher_tokens: int, covariance: bool) -> dict[str, int]:
     """What calibrating block by block holds at its peak, in bytes, by part (an estimate from
     the model's shapes, meant to err high; BENCHMARKS.md has it against measured peaks): the

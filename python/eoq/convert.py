@@ -511,7 +511,7 @@ def calibrate(source: Source, config: QuantConfig, root: pathlib.Path, progress:
         text = cal.load_text(config.calibration)
         seqs = cal.token_sequences(text, source.tokenizer, config.calib_sequences, config.calib_seq_len)
         model = None
-        # One empty model for both passes: its embedding and head are read from the files once
+        # One empty model for both passes (eoq.blockwise: each module read when it runs)
         fisher = want_sens and config.allocation == "sensitivity"
         runner = block_runner(source, seqs, seqs[:config.sensitivity_sequences] if fisher else [],
                               covariance and stats is None) if stats is None or fisher else None
@@ -586,6 +586,9 @@ def _finish_calibration(source, config, stats, sens, want_sens, text, shape, pat
     cal.save_stats(stats, path, source=config.calibration)
     atomic_write(info_path, json.dumps(info, sort_keys=True))
     source.release_model()
+    from .blockwise import release_freed_memory
+
+    release_freed_memory()
     return stats, info, sens
 
 
