@@ -113,3 +113,45 @@ def test_a_conversion_is_byte_identical_streamed(tmp_path, monkeypatch):
         eoq.quantize_model(folder, tmp_path / str(chunk), cfg, progress=False, verbose=False)
         out[chunk] = {p.name: p.read_bytes() for p in sorted((tmp_path / str(chunk)).iterdir()) if p.is_file()}
     assert out[256] == out[1 << 24]
+
+
+def test_sums_that_choose_are_the_same_at_any_thread_count():
+    # torch's sum() splits a large reduction by thread: its last bits moved with the thread
+    # count (6 of these 20 weighted errors did), and with them AWQ's alpha choice and the
+    # vocabulary's row multipliers (stored steps). exact_sum does not move.
+    from eoq.quantized import exact_sum
+
+    old = torch.get_num_threads()
+    out = {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            got = []
+            for i in range(20):
+                g = torch.Generator().manual_seed(i)
+                w = torch.randn(256, 4096, generator=g)
+                w_hat = w + torch.randn(256, 4096, generator=g) * 0.01
+                got.append(weighted_from(w, w_hat, torch.rand(4096, generator=g)).hex())
+            rows = torch.rand(49152, generator=torch.Generator().manual_seed(99)) ** 6 * 1e4
+            got.append(ecsq.row_multipliers(rows, 1e5))
+            got.append(exact_sum(torch.randn(1, 300_000, generator=torch.Generator().manual_seed(7))).hex())
+            out[threads] = got
+    finally:
+        torch.set_num_threads(old)
+    for a, b in zip(out[1], out[2]):
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+
+def weighted_from(w, w_hat, imp):
+    from eoq.quantized import weighted_error
+
+    return weighted_error(w, w_hat, imp)
+
+
+def test_exact_sum_is_the_sum_and_chunks_give_the_whole_blocks():
+    from eoq.quantized import block_sums, exact_sum
+
+    t = torch.randn(37, 1000, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    assert exact_sum(t) == pytest.approx(float(t.sum()), rel=1e-12)
+    import math
+    assert math.fsum(block_sums(t[:10]) + block_sums(t[10:])) == exact_sum(t)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .quantized import QuantizedTensor, evenly_spaced_rows, weighted_error
+from .quantized import QuantizedTensor, evenly_spaced_rows, exact_sum, weighted_error
 
 ALPHAS = tuple(i / 20 for i in range(21))
 # With error feedback every candidate costs a factorization of its scaled covariance and a
@@ -87,7 +87,7 @@ def _output_error(w, w_hat, hessian, rows_w=None) -> float:
     per_row = ((e @ hessian) * e).sum(1)
     if rows_w is not None:
         per_row = per_row * torch.as_tensor(rows_w).double().reshape(-1)
-    return float(per_row.sum())
+    return exact_sum(per_row)
 
 
 def _quantize_scaled(impl, w, bits, block_size, importance, seed, name, alpha, options) -> QuantizedTensor:

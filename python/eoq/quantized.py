@@ -176,15 +176,47 @@ def check_hessian(hessian: torch.Tensor, cols: int, name: str) -> torch.Tensor:
 
 def weighted_error(w: torch.Tensor, w_hat: torch.Tensor, importance: Optional[torch.Tensor],
                    row_importance: Optional[torch.Tensor] = None) -> float:
+    return math.fsum(weighted_error_blocks(w, w_hat, importance, row_importance))
+
+
+def weighted_error_blocks(w: torch.Tensor, w_hat: torch.Tensor, importance: Optional[torch.Tensor],
+                          row_importance: Optional[torch.Tensor] = None) -> list[float]:
     """sum_r sum_c row_importance_r * importance_c * (w - w_hat)[r, c]^2 (either weight 1 when
     None): the output error E||(W - W_hat) a||^2 when input channels are uncorrelated, with rows
-    weighted by how much their output matters."""
+    weighted by how much their output matters. As block sums (block_sums): their math.fsum
+    is the error, and rows in chunks give the blocks of the rows whole."""
     d2 = (w - w_hat).double().pow(2)
     if importance is not None:
         d2 = d2 * importance.double()
     if row_importance is not None:
         d2 = d2 * row_importance.double().reshape(-1, 1)
-    return float(d2.sum())
+    return block_sums(d2)
+
+
+# Values summed by one thread before the exact sum of the blocks (exact_sum): torch splits a
+# reduction over its outputs when there are enough of them (at least its thread count), and
+# a tensor small enough to have fewer blocks (< 32 768 values) is reduced serially anyway.
+SUM_BLOCK = 256
+
+
+def block_sums(t: torch.Tensor) -> list[float]:
+    """The float64 sums of t's rows (a 1-D t: one row) in blocks of SUM_BLOCK values, each
+    row zero-padded to whole blocks so that no block spans two rows: row chunks of a tensor
+    give the very blocks of the whole. Each block is summed by one thread, so the sums are the
+    same at any thread count."""
+    t = t.double().reshape(1, -1) if t.dim() == 1 else t.double().reshape(t.shape[0], -1)
+    pad = -t.shape[1] % SUM_BLOCK
+    if pad:
+        t = torch.nn.functional.pad(t, (0, pad))
+    return t.reshape(-1, SUM_BLOCK).sum(1).tolist()
+
+
+def exact_sum(t: torch.Tensor) -> float:
+    """The sum of t's values in float64, the same bits at any thread count (a plain ``sum()``
+    splits the work by thread, and the last bits move with it: AWQ's alpha and the curves
+    compare such sums): block_sums added exactly (math.fsum, whose result does not depend on
+    the order either)."""
+    return math.fsum(block_sums(t))
 
 
 def code_entropy_bits(codes: torch.Tensor) -> float:

@@ -88,7 +88,8 @@ from typing import Optional
 import torch
 
 from .. import ops
-from ..quantized import QuantizedTensor, code_entropy_bits, counts_entropy_bits, evenly_spaced_rows, weighted_error
+from ..quantized import (QuantizedTensor, block_sums, code_entropy_bits, counts_entropy_bits, evenly_spaced_rows,
+                         exact_sum, weighted_error, weighted_error_blocks)
 from . import rotation
 
 DEFAULT_BLOCK = 512
@@ -195,17 +196,20 @@ def merge_histograms(hists: list[tuple[int, torch.Tensor]]) -> tuple[int, torch.
 
 
 def row_multipliers(row_importance: torch.Tensor, row_tokens: Optional[float] = None) -> torch.Tensor:
-    """Step multipliers m_i (float32, geometric mean 1) from per-row weights (module docstring)."""
+    """Step multipliers m_i (float32, geometric mean 1) from per-row weights (module docstring).
+    Every sum is an exact_sum: a vocabulary's rows (> 32 768) are otherwise summed by thread,
+    and the stored steps would change with the thread count."""
     rho = row_importance.double().clamp_min(0)
-    total = float(rho.sum())
+    n = rho.numel()
+    total = exact_sum(rho)
     if total <= 0:  # nothing seen at all: every row alike
-        return torch.ones(rho.numel(), dtype=torch.float32)
-    tokens = float(row_tokens) if row_tokens else float(rho.numel())
+        return torch.ones(n, dtype=torch.float32)
+    tokens = float(row_tokens) if row_tokens else float(n)
     rho = rho + ROW_PRIOR * total / max(tokens, 1.0)
-    gm = float(rho.log().mean().exp())
+    gm = math.exp(exact_sum(rho.log()) / n)
     rho = rho.clamp(gm / ROW_RANGE, gm * ROW_RANGE)
     m = rho.pow(-0.5)
-    return (m / m.log().mean().exp()).float()
+    return (m / math.exp(exact_sum(m.log()) / n)).float()
 
 
 class Problem:
@@ -284,7 +288,7 @@ class Problem:
         x = xs if self.m is None else xs * self.m[sl]
         if self.imp is None:
             d2 = (x - xh).double().pow(2)
-            return float((d2 * rows_w).sum() if rows_w is not None else d2.sum())
+            return exact_sum(d2 * rows_w if rows_w is not None else d2)
         cols = self.w.shape[1]
         return weighted_error(self.w_rows(sl), rotation.unrotate(xh, self.block, cols, self.seed), self.imp, rows_w)
 
@@ -312,10 +316,8 @@ class Problem:
 
     def rms(self) -> float:
         """The root mean square of x."""
-        if self.x is not None:
-            return float(self.x.double().pow(2).mean().sqrt())
-        total = sum(float(self.x_rows(sl).double().pow(2).sum()) for sl in self.spans)
-        return math.sqrt(total / (self.rows * self.padded))
+        squares = [b for sl in self.spans for b in block_sums(self.x_rows(sl).double().pow(2))]
+        return math.sqrt(math.fsum(squares) / (self.rows * self.padded))
 
     def split(self, steps) -> tuple[int, int, torch.Tensor, torch.Tensor]:
         """split_codes(codes(steps)) (offset, k, hi, lo); when streamed, written chunk by chunk,
@@ -365,16 +367,17 @@ class Problem:
             e = e * self.m.reshape(-1).double().pow(2)
         if self.rows_w is not None:
             e = e * self.rows_w.reshape(-1)
-        scale = float(self.imp.double().mean()) if self.imp is not None else 1.0
-        return bits, float(e.sum()) * scale * self.w.shape[1] / self.padded
+        scale = exact_sum(self.imp) / self.imp.numel() if self.imp is not None else 1.0
+        return bits, exact_sum(e) * scale * self.w.shape[1] / self.padded
 
     def energy(self):
         """The distortion of an all-zero reconstruction (the weighted energy of w)."""
-        total = 0.0
+        blocks = []
         for sl in self.spans:
             w = self.w_rows(sl)
-            total += weighted_error(w, torch.zeros_like(w), self.imp, None if self.rows_w is None else self.rows_w[sl])
-        return total
+            blocks += weighted_error_blocks(w, torch.zeros_like(w), self.imp,
+                                            None if self.rows_w is None else self.rows_w[sl])
+        return math.fsum(blocks)
 
     def codes(self, steps):
         if self.u is None:
@@ -408,7 +411,7 @@ class Problem:
         per_row = ((e @ h_rot) * e).sum(1)
         if self.rows_w is not None:
             per_row = per_row * self.rows_w.reshape(-1)
-        return bits, float(per_row.sum())
+        return bits, exact_sum(per_row)
 
     def stored(self, steps) -> torch.Tensor:
         """The float32 steps as stored: one per group, or one per row with row multipliers."""
@@ -636,7 +639,7 @@ def quantize(w: torch.Tensor, bits, block_size=None, importance=None, seed=0, na
             def steps_for(lam_):
                 return [p.best_step(sl, lam_) for sl in p.groups]
 
-            scale = float(p.x.pow(2).mean()) + 1e-30  # distortion per weight at zero rate
+            scale = exact_sum(p.x.double().pow(2)) / p.x.numel() + 1e-30  # distortion per weight at zero rate
             lam_ = _solve(lambda l: p.total_bits(steps_for(l), numel) - target, scale * 1e-9, scale * 10,
                           tol=1e-3 * target)
             steps = steps_for(lam_)
