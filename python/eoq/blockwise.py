@@ -50,7 +50,8 @@ Traps:
   * A tied pair (embedding and head) is read under both names, each when its module runs:
     the price of not touching the model's tying logic is a second read, not a second copy.
   * A module outside the blocks whose weight another module uses without calling it would
-    see a meta tensor: the capture and the tail check that what they give is real.
+    see a meta tensor: the capture checks that the first block's input is real (after the
+    blocks, a meta tensor fails at the first real operation on it).
   * The attention implementation is the one ``from_pretrained`` picks (sdpa where
     available); a module built by hand would default to another and differ in the last bits.
 """

@@ -43,8 +43,10 @@ Memory: ``fisher_pass`` holds the whole model and its gradients (2x the float32 
 ``fisher_pass_blockwise`` (what a conversion from a folder uses) gives the same sums with one
 decoder block and its gradients in memory, plus every block's input hidden states for the
 Fisher sequences (eoq.blockwise; 2 GiB for an 8 B model at 8 x 512 tokens). The embedding
-and the head are read in different steps; a large head (eoq.streamed_vocab) is run from its
-file in row chunks, its weight gradient squared and added chunk by chunk, never whole.
+and the head are read in different steps, and large ones not whole (eoq.streamed_vocab):
+the head runs from its file in row chunks, its weight gradient squared and added chunk by
+chunk; the embedding reads the rows its tokens select, and its gradient is those rows'.
+Each block parameter's gradient is squared and freed as soon as it is complete.
 """
 
 from __future__ import annotations
@@ -232,8 +234,8 @@ class _HeadGradients:
     sequence's tokens select are kept aside (as fisher_pass_blockwise does with a whole
     head's gradient) for the embedding step to add its own gradient to."""
 
-    def __init__(self, name: Optional[str], first: Optional[str], tied: bool, add):
-        self.name, self.first, self.tied, self.add = name, first, tied, add
+    def __init__(self, first: Optional[str], tied: bool, add):
+        self.first, self.tied, self.add = first, tied, add
         self.sel, self.pieces = None, []
 
     def start(self, ids: torch.Tensor) -> None:
@@ -344,7 +346,7 @@ def fisher_pass_blockwise(runner, sequences: list[torch.Tensor], row_params: Ite
     grads, pending = [], []  # pending[k]: {first: (rows, head gradient there, head rows)} of the tied matrices
     outputs = [None] * len(seqs)
     head = f"{runner.head}.weight" if runner.head is not None else None
-    on_head = _HeadGradients(head, first_of.get(head), first_of.get(head) in tied_firsts, add)
+    on_head = _HeadGradients(first_of.get(head), first_of.get(head) in tied_firsts, add)
     runner.on_head_grad = on_head if head is not None else None
     with runner.outside(), runner.tail(outputs) as current:  # 2
         for k, ids in enumerate(seqs):
