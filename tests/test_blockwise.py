@@ -156,7 +156,7 @@ def test_calibration_holds_one_vocabulary_matrix_at_a_time(tmp_path, monkeypatch
     text.write_text("Some calibration text for a tiny model, over and over. " * 60)
     built = []
     real_runner = convert.block_runner
-    monkeypatch.setattr(convert, "block_runner", lambda *a: built.append(real_runner(*a)) or built[-1])
+    monkeypatch.setattr(convert, "block_runner", lambda *a, **k: built.append(real_runner(*a, **k)) or built[-1])
     reads, held = [], []
     real_get = sources.FolderSource.get
 
@@ -213,8 +213,13 @@ def test_calibration_memory_estimate_by_part(tmp_path, monkeypatch):
     more = blockwise.calibration_memory(config, tokens=2000, seq_len=100, fisher_tokens=500, covariance=True)
     h = config.hidden_size
     assert more["hidden states of the calibration sequences"] == 2 * base["hidden states of the calibration sequences"]
-    assert more["the Fisher pass's stored block inputs"] == 4 * (config.num_hidden_layers + 1) * 500 * h
+    assert more["the Fisher pass's stored inputs of one block (the rest on disk)"] == 4 * 500 * h
     assert "input covariances for error feedback (float64, all kept)" in more and len(base) == len(more) - 1
+    sampled = blockwise.calibration_memory(config, tokens=1000, seq_len=100, fisher_tokens=0, covariance=False,
+                                           cache_tokens=1000)
+    kv = config.num_key_value_heads * (h // config.num_attention_heads)
+    assert sampled["the sampled text's key/value cache and one step's logits (float32)"] == 4 * (
+        2 * config.num_hidden_layers * 1000 * kv + 3 * 10 * config.vocab_size)
     grad = "the largest one's gradient in the Fisher pass"
     model = build("llama")
     vocab = model.model.embed_tokens.weight.numel()  # the tiny llama's embedding and head (tied: counted twice)
@@ -227,3 +232,93 @@ def test_calibration_memory_estimate_by_part(tmp_path, monkeypatch):
     norms = sum(p.numel() for n, p in model.named_parameters() if ".layers." not in n and p.dim() == 1)
     assert streamed["modules outside the blocks read whole, one vocabulary matrix at a time (float32)"] == 4 * norms
     assert streamed[grad] == 4 * norms
+
+
+def test_stored_inputs_round_trip_exactly_and_leave_nothing(tmp_path):
+    from eoq.stored_inputs import StoredInputs
+
+    xs = [torch.randn(3, 5, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    with StoredInputs(tmp_path) as stored:
+        stored.put(0, xs[:2])
+        stored.put(1, xs[2:])
+        (d,) = list(tmp_path.iterdir())
+        assert len(list(d.iterdir())) == 2
+        back = stored.take(1)
+        assert all(torch.equal(a, b) for a, b in zip(back, xs[2:]))
+        assert len(list(d.iterdir())) == 1  # deleted as read
+        with pytest.raises(KeyError):
+            stored.take(1)
+    assert not list(tmp_path.iterdir())  # block 0, never taken, removed with the directory
+    with pytest.raises(RuntimeError), StoredInputs(tmp_path) as stored:
+        stored.put(0, xs)
+        raise RuntimeError("a pass that fails")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # tied, untied
+def test_fisher_pass_keeps_block_inputs_on_disk_and_releases_the_head(tmp_path, monkeypatch, arch):
+    # Each block's inputs go to a file under runner.scratch between the two sweeps, and the
+    # streamed head (a memory map) is gone once its pass ends, before the blocks run backward.
+    import gc
+    import weakref
+
+    from eoq import sensitivity, streamed_vocab
+    from eoq.stored_inputs import StoredInputs
+
+    monkeypatch.setattr(streamed_vocab, "STREAM_VALUES", 0)
+    src = sources.open_source(save(arch, tmp_path / "m"))
+    runner = blockwise.BlockRunner(src, scratch=tmp_path / "scratch")
+    (tmp_path / "scratch").mkdir()
+    puts, heads, backward_loads = [], [], []
+    real_put, real_get, real_load = StoredInputs.put, sources.FolderSource.get, runner.load_block
+
+    def put(self, i, tensors):
+        real_put(self, i, tensors)
+        puts.append(len(list((tmp_path / "scratch").rglob("block-*.pt"))))
+
+    def get(self, name):
+        t = real_get(self, name)
+        if name == "lm_head.weight":
+            heads.append(weakref.ref(t))
+        return t
+
+    def load_block(i):
+        if len(backward_loads) or len(puts) == len(runner.blocks) and heads:
+            backward_loads.append(all(r() is None for r in heads))
+        return real_load(i)
+
+    monkeypatch.setattr(StoredInputs, "put", put)
+    monkeypatch.setattr(sources.FolderSource, "get", get)
+    monkeypatch.setattr(runner, "load_block", load_block)
+    gc.disable()  # the head must be released by the pass itself, not by a collection that happens to run
+    try:
+        sens = sensitivity.fisher_pass_blockwise(runner, _seqs(n=2), row_params=src.vocab, seed=3)
+    finally:
+        gc.enable()
+    assert sens.tokens == 80
+    assert puts == list(range(1, len(runner.blocks) + 1))
+    assert heads and backward_loads == [True] * len(runner.blocks)
+    assert not list((tmp_path / "scratch").iterdir())
+
+
+def test_streamed_head_gives_its_weight_gradient_by_chunks_and_lets_go_of_the_weight():
+    import weakref
+
+    from eoq import streamed_vocab
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(23, 8, generator=g).to(torch.bfloat16)
+    x = torch.randn(2, 5, 8, generator=g, requires_grad=True)
+    chunks = []
+    out = streamed_vocab.head_logits(x, w, lambda r0, gw, wc: chunks.append((r0, gw.clone())), torch.float32)
+    torch.testing.assert_close(out, x @ w.float().t())
+    up = torch.randn(out.shape, generator=g)
+    (out * up).sum().backward()
+    assert [r0 for r0, _ in chunks] == [0]  # 23 rows of 8 values: one chunk of ROWS_VALUES
+    torch.testing.assert_close(chunks[0][1], up.reshape(-1, 23).t() @ x.detach().reshape(-1, 8))
+    torch.testing.assert_close(x.grad, up @ w.float())
+    ref = weakref.ref(w)
+    del w
+    assert ref() is None  # the graph (still held through `out`) does not keep the weight
+    with pytest.raises(RuntimeError, match="backpropagated through twice"):
+        out.grad_fn.apply(torch.ones_like(out))

@@ -59,6 +59,7 @@ Traps:
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from typing import Callable, Optional
 
@@ -122,12 +123,14 @@ def find_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
 class BlockRunner:
     """A model built empty, whose blocks are read from a FolderSource one at a time."""
 
-    def __init__(self, source, dtype: torch.dtype = torch.float32):
+    def __init__(self, source, dtype: torch.dtype = torch.float32, scratch: Optional[os.PathLike] = None):
         from accelerate import init_empty_weights
 
         from .sources import model_class
 
         self.source, self.dtype = source, dtype
+        self.scratch = scratch  # where the Fisher pass keeps block inputs (None: the system's temp dir)
+        self.pool: Optional[dict[str, torch.Tensor]] = None  # block tensors' reused buffers (_cast), when a dict
         config = source.config
         with init_empty_weights(include_buffers=False):
             model = model_class(config)(config)
@@ -281,6 +284,10 @@ class BlockRunner:
             self._placeholders.clear()
             self._stored.clear()
             self._tables.clear()
+            # A pass's graphs end in reference cycles (autograd nodes and their hooks) that can
+            # hold a streamed matrix, a memory map whose touched pages (1 GiB for an 8 B model's
+            # head) would stay resident until the collector ran by chance.
+            gc.collect()
 
     def _load(self, module: torch.nn.Module, prefix: str) -> None:
         """Read every parameter (and stored buffer) of block `module` from the files, in self.dtype."""
@@ -294,7 +301,19 @@ class BlockRunner:
             if full not in names:
                 raise ValueError(f"{self.source.name}: the model has parameter {full!r} and the weight files do not")
             t = self.source.get(full)
-            set_module_tensor_to_device(module, n, "cpu", value=t.to(self.dtype) if t.is_floating_point() else t)
+            set_module_tensor_to_device(module, n, "cpu", value=self._cast(n, t) if t.is_floating_point() else t)
+
+    def _cast(self, n: str, t: torch.Tensor) -> torch.Tensor:
+        """t in self.dtype: a new tensor, or with ``self.pool`` (a dict) copied into the pooled
+        one of block tensor n (blocks alike reuse one set of buffers: a pass that reads every
+        block many times, eoq.sampling_blockwise, would otherwise map fresh memory and fault
+        its pages in at every read)."""
+        if self.pool is None:
+            return t.to(self.dtype)
+        buf = self.pool.get(n)
+        if buf is None or buf.shape != t.shape:
+            buf = self.pool[n] = torch.empty(t.shape, dtype=self.dtype)
+        return buf.copy_(t)
 
     def block_name(self, i: int) -> str:
         return f"{self.prefix}{i}"
@@ -303,27 +322,30 @@ class BlockRunner:
         """The first block's call (args, kwargs) for each sequence, the model's own forward pass
         stopped there. Under grad mode the hidden states keep their graph back to the
         embeddings. Call it inside ``outside()``."""
+        return [self.capture_call(input_ids=ids.reshape(1, -1), use_cache=False) for ids in sequences]
+
+    def capture_call(self, **model_kwargs) -> tuple[tuple, dict]:
+        """The first block's call (args, kwargs) in ``model(**model_kwargs)``, stopped there."""
         model, blocks = self.model, self.blocks
         calls: list = []
         first = blocks[0]
         blocks[0] = _Capture(calls)
         self._capturing = True
         try:
-            for ids in sequences:
-                try:
-                    model(input_ids=ids.reshape(1, -1), use_cache=False)
-                except _Stop:
-                    pass
-                else:
-                    raise RuntimeError(f"{type(model).__name__}: the forward pass never reached "
-                                       f"{self.blocks_name}[0]")
+            try:
+                model(**model_kwargs)
+            except _Stop:
+                pass
+            else:
+                raise RuntimeError(f"{type(model).__name__}: the forward pass never reached {self.blocks_name}[0]")
         finally:
             blocks[0] = first
             self._capturing = False
-        if any(args[0].is_meta for args, _ in calls):
+        (args, kwargs), = calls
+        if args[0].is_meta:
             raise RuntimeError(f"{type(model).__name__}: the first block's input was computed from a weight that "
                                f"was never read (a module outside the blocks used without being called)")
-        return calls
+        return args, kwargs
 
     def load_block(self, i: int) -> torch.nn.Module:
         block = self.blocks[i]
@@ -332,6 +354,10 @@ class BlockRunner:
 
     def drop_block(self, i: int) -> None:
         self.blocks[i].to("meta")
+        # What a block's run freed is glibc's to reuse, and it keeps it: tensors of a few MiB
+        # (one sequence's activations) come from its heap, whose free chunks it hands back only
+        # when trimmed. Untrimmed, an 8 B model's calibration held 2 GiB of them by mid-model.
+        release_freed_memory()
 
     def block_forward(self, block, hidden: torch.Tensor, call: tuple[tuple, dict]) -> torch.Tensor:
         """One block on one sequence's hidden states, with that sequence's recorded arguments."""
@@ -431,15 +457,18 @@ def release_freed_memory() -> None:
         trim(0)
 
 
-def calibration_memory(config, tokens: int, seq_len: int, fisher_tokens: int, covariance: bool) -> dict[str, int]:
+def calibration_memory(config, tokens: int, seq_len: int, fisher_tokens: int, covariance: bool,
+                       cache_tokens: int = 0) -> dict[str, int]:
     """What calibrating block by block holds at its peak, in bytes, by part (an estimate from
     the model's shapes, meant to err high; BENCHMARKS.md has it against measured peaks): the
     modules outside the blocks that are read whole (not the streamed vocabulary matrices,
     eoq.streamed_vocab) in float32, all but the second largest (the embedding and the head
     run in different passes, BlockRunner.outside), the largest one's gradient in the Fisher
     pass, the largest block with its gradients, the hidden states of the calibration sequences,
-    the Fisher pass's stored block inputs, one sequence's working set inside a block and at
-    the head, and, with error feedback, every Linear's input covariance (float64)."""
+    one block's stored inputs in the Fisher pass (eoq.stored_inputs keeps the others on disk),
+    one sequence's working set inside a block and at the head, with ``cache_tokens`` sampled
+    (eoq.sampling_blockwise) their key/value cache and one step's logits, and, with error
+    feedback, every Linear's input covariance (float64)."""
     from .sources import model_class
 
     with torch.device("meta"):
@@ -464,10 +493,15 @@ def calibration_memory(config, tokens: int, seq_len: int, fisher_tokens: int, co
         "the largest one's gradient in the Fisher pass": 4 * modules[0] if fisher_tokens else 0,
         "the largest block and its gradients (float32)": 8 * block,
         "hidden states of the calibration sequences": 2 * 4 * tokens * hidden,
-        "the Fisher pass's stored block inputs": 4 * (len(blocks) + 1) * fisher_tokens * hidden,
+        "the Fisher pass's stored inputs of one block (the rest on disk)": 4 * fisher_tokens * hidden,
         "one sequence inside a block and at the head": 4 * seq_len * (4 * inner + 8 * hidden + heads * seq_len
                                                                           + 3 * vocab),
     }
+    if cache_tokens:
+        kv_heads = int(getattr(config, "num_key_value_heads", 0) or heads)
+        head_dim = int(getattr(config, "head_dim", 0) or hidden // heads)
+        need["the sampled text's key/value cache and one step's logits (float32)"] = 4 * (
+            2 * len(blocks) * cache_tokens * kv_heads * head_dim + 3 * cache_tokens * vocab // max(1, seq_len))
     if covariance:  # at most one n x n matrix per Linear (inputs shared by several count once in fact)
         need["input covariances for error feedback (float64, all kept)"] = sum(
             8 * m.in_features ** 2 for m in model.modules() if isinstance(m, torch.nn.Linear))
@@ -475,13 +509,13 @@ def calibration_memory(config, tokens: int, seq_len: int, fisher_tokens: int, co
 
 
 def check_calibration_memory(name: str, config, tokens: int, seq_len: int, fisher_tokens: int,
-                             covariance: bool) -> None:
+                             covariance: bool, cache_tokens: int = 0) -> None:
     """A MemoryError naming the need and the budget when calibration would not fit, before it
     starts (a run killed by the kernel an hour in tells the user nothing)."""
     budget = memory_budget()
     if budget is None:
         return
-    need = calibration_memory(config, tokens, seq_len, fisher_tokens, covariance)
+    need = calibration_memory(config, tokens, seq_len, fisher_tokens, covariance, cache_tokens)
     total = sum(need.values())
     if total <= budget[0]:
         return

@@ -325,7 +325,7 @@ def sample_text(model, tokenizer, n_tokens: int, seed: int = 0, chunk: int = 256
     the sampled token sequences."""
     from tqdm.auto import tqdm
 
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    bos = sampling_bos(tokenizer)
     pieces = []
     n_seq = -(-n_tokens // chunk)
     with torch.random.fork_rng(devices=[]):  # seed locally, leave the caller's RNG alone
@@ -335,10 +335,20 @@ def sample_text(model, tokenizer, n_tokens: int, seed: int = 0, chunk: int = 256
             out = model.generate(torch.full((b, 1), bos), attention_mask=torch.ones(b, 1, dtype=torch.long),
                                  do_sample=True, max_new_tokens=chunk, min_new_tokens=chunk, top_k=0, top_p=1.0,
                                  temperature=1.0, pad_token_id=bos)
-            pieces += [tokenizer.decode(row[1:].tolist(), skip_special_tokens=True) for row in out]
+            pieces.append(decode_samples(tokenizer, out))
             if ids_out is not None:
                 ids_out += [row.clone() for row in out]
     return "\n".join(pieces)
+
+
+def sampling_bos(tokenizer) -> int:
+    """The token a sampled sequence starts from: BOS, else end-of-text."""
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
+def decode_samples(tokenizer, rows) -> str:
+    """Sampled sequences (BOS first) as text, one per line."""
+    return "\n".join(tokenizer.decode(row[1:].tolist(), skip_special_tokens=True) for row in rows)
 
 
 def token_sequences(text: str, tokenizer, n_sequences: int = 64, seq_len: int = 512) -> list[torch.Tensor]:

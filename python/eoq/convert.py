@@ -513,15 +513,22 @@ def calibrate(source: Source, config: QuantConfig, root: pathlib.Path, progress:
         model = None
         # One empty model for both passes (eoq.blockwise: each module read when it runs)
         fisher = want_sens and config.allocation == "sensitivity"
-        runner = block_runner(source, seqs, seqs[:config.sensitivity_sequences] if fisher else [],
-                              covariance and stats is None) if stats is None or fisher else None
+        runner = block_runner(source, sum(map(len, seqs)), max(map(len, seqs)),
+                              sum(map(len, seqs[:config.sensitivity_sequences])) if fisher else 0,
+                              covariance and stats is None, scratch=root) if stats is None or fisher else None
         if stats is None:
             stats, model = activation_stats(source, seqs, covariance, progress, runner)
         shape = (len(seqs), config.calib_seq_len)
         if want_sens:
             sens = sensitivity_of(source, config, model, seqs, progress, runner)
         return _finish_calibration(source, config, stats, sens, want_sens, text, shape, path, info_path, sens_path)
-    model = source.load_model()
+    # A folder's model samples block by block (eoq.sampling_blockwise: the same tokens as
+    # generate() on the loaded model, one block in memory); a model without blocks, whole.
+    n, length = config.calib_sequences, config.calib_self_len
+    fisher = want_sens and config.allocation == "sensitivity"
+    runner = block_runner(source, n * length, length + 1, min(n, config.sensitivity_sequences) * (length + 1)
+                          if fisher else 0, covariance and stats is None, scratch=root, cache_tokens=n * (length + 1))
+    model = runner.model if runner is not None else source.load_model()
     if not model.can_generate():
         # An encoder cannot sample its own text: the conversion goes on data-free, and says so.
         import warnings
@@ -532,18 +539,30 @@ def calibrate(source: Source, config: QuantConfig, root: pathlib.Path, progress:
         info = {"source": None, "requested": "self", "reason": f"{type(model).__name__} cannot generate"}
         atomic_write(info_path, json.dumps(info, sort_keys=True))
         return stats, info, sens
-    new_stats, text, seqs = cal.self_stats(model, source.tokenizer, config.calib_sequences, config.calib_self_len,
-                                           seed=config.seed, progress=progress, covariance=covariance)
+    if runner is None:
+        new_stats, text, seqs = cal.self_stats(model, source.tokenizer, n, length, seed=config.seed,
+                                               progress=progress, covariance=covariance)
+    else:
+        from .sampling_blockwise import sample_ids
+
+        seqs = sample_ids(runner, cal.sampling_bos(source.tokenizer), n, length, seed=config.seed, progress=progress)
+        text = cal.decode_samples(source.tokenizer, seqs)
+        # the tokens generate() ran while sampling: BOS and all but the last sampled one
+        new_stats = cal.collect_stats_blockwise(runner, [s[:-1] for s in seqs], progress=progress,
+                                                covariance=covariance) if stats is None else None
+        model = None
     stats = new_stats if stats is None else stats
     if want_sens:
-        sens = sensitivity_of(source, config, model, seqs, progress)
-    return _finish_calibration(source, config, stats, sens, want_sens, text,
-                               (config.calib_sequences, config.calib_self_len), path, info_path, sens_path)
+        sens = sensitivity_of(source, config, model, seqs, progress, runner)
+    return _finish_calibration(source, config, stats, sens, want_sens, text, (n, length), path, info_path, sens_path)
 
 
-def block_runner(source: Source, seqs: list = (), fisher_seqs: list = (), covariance: bool = False):
-    """A BlockRunner over a folder's model, or None (a model in memory, or no repeated blocks).
-    First, a MemoryError if calibrating on these sequences would not fit the memory there is
+def block_runner(source: Source, tokens: int = 0, seq_len: int = 0, fisher_tokens: int = 0, covariance: bool = False,
+                 scratch: Optional[os.PathLike] = None, cache_tokens: int = 0):
+    """A BlockRunner over a folder's model (its Fisher pass keeping block inputs in files under
+    ``scratch``), or None (a model in memory, or no repeated blocks). First, a MemoryError if
+    calibrating on these token counts (``cache_tokens``: sampled with a key/value cache,
+    eoq.sampling_blockwise) would not fit the memory there is
     (blockwise.check_calibration_memory)."""
     from .blockwise import BlockRunner, NoBlocks, check_calibration_memory
     from .sources import FolderSource
@@ -551,9 +570,8 @@ def block_runner(source: Source, seqs: list = (), fisher_seqs: list = (), covari
     if not isinstance(source, FolderSource):
         return None
     try:
-        check_calibration_memory(source.name, source.config, sum(len(s) for s in seqs),
-                                 max((len(s) for s in seqs), default=0), sum(len(s) for s in fisher_seqs), covariance)
-        return BlockRunner(source)
+        check_calibration_memory(source.name, source.config, tokens, seq_len, fisher_tokens, covariance, cache_tokens)
+        return BlockRunner(source, scratch=scratch)
     except NoBlocks:
         return None
 

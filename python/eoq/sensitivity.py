@@ -59,6 +59,8 @@ from typing import Iterable, Optional, Union
 
 import torch
 
+from .stored_inputs import StoredInputs
+
 SIG_DIGITS = 9
 FORMAT = "eoq-sensitivity-1"
 
@@ -268,8 +270,9 @@ def fisher_pass_blockwise(runner, sequences: list[torch.Tensor], row_params: Ite
     The same sums as the whole-model pass (equal up to the order of float additions): the
     labels are sampled from the same logits with the same generator, and every parameter's
     gradient for a sequence is the one backpropagation through the whole model gives.
-      1. Forward, no graph: each block's input hidden states are kept for every sequence
-         (blocks x sequences x tokens x hidden float32: 2 GiB for an 8 B model at 8 x 512).
+      1. Forward, no graph: each block's input hidden states are kept for every sequence, on
+         disk (eoq.stored_inputs; blocks x sequences x tokens x hidden float32: 2 GiB for an
+         8 B model at 8 x 512), under ``runner.scratch``.
       2. The tail (final norm, head) with a graph: labels sampled, sum log p(y) backpropagated
          to the last block's output; the head's gradients taken.
       3. The blocks in reverse order, each read from the files once: every sequence's forward
@@ -316,93 +319,93 @@ def fisher_pass_blockwise(runner, sequences: list[torch.Tensor], row_params: Ite
 
     for n, p in model.named_parameters():
         p.requires_grad_(False)
-    seqs = list(sequences)
-    gen = torch.Generator().manual_seed(int(seed))
-    with torch.no_grad():  # 1
-        with runner.outside():
-            calls = runner.capture(seqs)
-        hidden = [args[0] for args, _ in calls]
-        inputs = []
-        for i in tqdm(range(len(runner.blocks)), desc="sensitivity forward", unit="block", disable=not progress):
+    with StoredInputs(runner.scratch) as stored:  # 1-3: each block's inputs on disk (eoq.stored_inputs)
+        seqs = list(sequences)
+        gen = torch.Generator().manual_seed(int(seed))
+        with torch.no_grad():  # 1
+            with runner.outside():
+                calls = runner.capture(seqs)
+            hidden = [args[0] for args, _ in calls]
+            for i in tqdm(range(len(runner.blocks)), desc="sensitivity forward", unit="block", disable=not progress):
+                block = runner.load_block(i)
+                try:
+                    stored.put(i, hidden)
+                    hidden = [runner.block_forward(block, h, c) for h, c in zip(hidden, calls)]
+                finally:
+                    runner.drop_block(i)
+        # The matrices outside the blocks, read by the runner when their module runs (the head in
+        # the tail, the embeddings in step 4), each with requires_grad; looked up by name, as
+        # each read makes a new Parameter.
+        rest = [n for n in first_of if not n.startswith(runner.prefix)]
+
+        def loaded():
+            return {n: p for n in rest if (p := runner.loaded_parameter(n)) is not None}
+
+        def mean_squares():  # of the matrices read in this phase, before they are dropped
+            for n, p in loaded().items():
+                mean_w2.setdefault(n, _mean_square(p))
+
+        runner.grad_outside = True
+        grads, pending = [], []  # pending[k]: {first: (rows, head gradient there, head rows)} of the tied matrices
+        outputs = [None] * len(seqs)
+        head = f"{runner.head}.weight" if runner.head is not None else None
+        on_head = _HeadGradients(first_of.get(head), first_of.get(head) in tied_firsts, add)
+        runner.on_head_grad = on_head if head is not None else None
+        with runner.outside(), runner.tail(outputs) as current:  # 2
+            for k, ids in enumerate(seqs):
+                current[0] = k
+                on_head.start(ids)
+                outputs[k] = hidden[k].detach().requires_grad_(True)
+                logits = model(input_ids=ids.reshape(1, -1), use_cache=False).logits[0].float()
+                logp = torch.log_softmax(logits, dim=-1)
+                y = torch.multinomial(logp.detach().exp(), 1, generator=gen)
+                logp.gather(1, y).sum().backward()
+                grads.append(outputs[k].grad)
+                outputs[k] = None
+                stash = {}
+                with torch.no_grad():
+                    for n, p in loaded().items():
+                        if p.grad is None:
+                            continue
+                        f = first_of[n]
+                        if f in tied_firsts:
+                            sel = ids.reshape(-1).unique()
+                            keep = torch.ones(p.shape[0], dtype=torch.bool)
+                            keep[sel] = False
+                            add(f, p.grad[keep], p[keep], keep.nonzero().reshape(-1))
+                            stash[f] = (sel, p.grad[sel].clone(), p[sel].detach().clone())
+                        else:
+                            add(f, p.grad, p)
+                        p.grad = None
+                del logits, logp  # the last sequence's would outlive the loop (0.5 GiB at 8 B)
+                on_head.finish(stash)
+                pending.append(stash)
+            mean_squares()
+        runner.on_head_grad = None
+        del hidden
+        for i in tqdm(reversed(range(len(runner.blocks))), total=len(runner.blocks), desc="sensitivity backward",
+                      unit="block", disable=not progress):  # 3
             block = runner.load_block(i)
+            prefix = runner.block_name(i) + "."
             try:
-                inputs.append(list(hidden))
-                hidden = [runner.block_forward(block, h, c) for h, c in zip(hidden, calls)]
+                params = {prefix + n: p for n, p in block.named_parameters(remove_duplicate=False)}
+                hooks = []
+                for n, p in params.items():
+                    p.requires_grad_(n in first_of)
+                    if n in first_of:  # each gradient squared and freed as soon as it is complete, so
+                        hooks.append(p.register_post_accumulate_grad_hook(_squared_then_freed(add, first_of[n])))
+                for k, (x, call) in enumerate(zip(stored.take(i), calls)):  # its gradients never all exist at once
+                    x.requires_grad_(True)
+                    runner.block_forward(block, x, call).backward(grads[k])
+                    grads[k] = x.grad
+                for h in hooks:
+                    h.remove()
+                with torch.no_grad():
+                    for n, p in params.items():
+                        if n in first_of:
+                            mean_w2[n] = _mean_square(p)
             finally:
                 runner.drop_block(i)
-    # The matrices outside the blocks, read by the runner when their module runs (the head in
-    # the tail, the embeddings in step 4), each with requires_grad; looked up by name, as
-    # each read makes a new Parameter.
-    rest = [n for n in first_of if not n.startswith(runner.prefix)]
-
-    def loaded():
-        return {n: p for n in rest if (p := runner.loaded_parameter(n)) is not None}
-
-    def mean_squares():  # of the matrices read in this phase, before they are dropped
-        for n, p in loaded().items():
-            mean_w2.setdefault(n, _mean_square(p))
-
-    runner.grad_outside = True
-    grads, pending = [], []  # pending[k]: {first: (rows, head gradient there, head rows)} of the tied matrices
-    outputs = [None] * len(seqs)
-    head = f"{runner.head}.weight" if runner.head is not None else None
-    on_head = _HeadGradients(first_of.get(head), first_of.get(head) in tied_firsts, add)
-    runner.on_head_grad = on_head if head is not None else None
-    with runner.outside(), runner.tail(outputs) as current:  # 2
-        for k, ids in enumerate(seqs):
-            current[0] = k
-            on_head.start(ids)
-            outputs[k] = hidden[k].detach().requires_grad_(True)
-            logits = model(input_ids=ids.reshape(1, -1), use_cache=False).logits[0].float()
-            logp = torch.log_softmax(logits, dim=-1)
-            y = torch.multinomial(logp.detach().exp(), 1, generator=gen)
-            logp.gather(1, y).sum().backward()
-            grads.append(outputs[k].grad)
-            outputs[k] = None
-            stash = {}
-            with torch.no_grad():
-                for n, p in loaded().items():
-                    if p.grad is None:
-                        continue
-                    f = first_of[n]
-                    if f in tied_firsts:
-                        sel = ids.reshape(-1).unique()
-                        keep = torch.ones(p.shape[0], dtype=torch.bool)
-                        keep[sel] = False
-                        add(f, p.grad[keep], p[keep], keep.nonzero().reshape(-1))
-                        stash[f] = (sel, p.grad[sel].clone(), p[sel].detach().clone())
-                    else:
-                        add(f, p.grad, p)
-                    p.grad = None
-            on_head.finish(stash)
-            pending.append(stash)
-        mean_squares()
-    runner.on_head_grad = None
-    del hidden
-    for i in tqdm(reversed(range(len(runner.blocks))), total=len(runner.blocks), desc="sensitivity backward",
-                  unit="block", disable=not progress):  # 3
-        block = runner.load_block(i)
-        prefix = runner.block_name(i) + "."
-        try:
-            params = {prefix + n: p for n, p in block.named_parameters(remove_duplicate=False)}
-            hooks = []
-            for n, p in params.items():
-                p.requires_grad_(n in first_of)
-                if n in first_of:  # each gradient squared and freed as soon as it is complete, so
-                    hooks.append(p.register_post_accumulate_grad_hook(_squared_then_freed(add, first_of[n])))
-            for k, call in enumerate(calls):  # a block's gradients never all exist at once
-                x = inputs[i][k].detach().requires_grad_(True)
-                runner.block_forward(block, x, call).backward(grads[k])
-                grads[k] = x.grad
-            for h in hooks:
-                h.remove()
-            with torch.no_grad():
-                for n, p in params.items():
-                    if n in first_of:
-                        mean_w2[n] = _mean_square(p)
-        finally:
-            runner.drop_block(i)
-            inputs[i] = None
     tokens = 0
     with runner.outside():  # 4
         for k, ids in enumerate(seqs):
