@@ -202,15 +202,7 @@ class BlockRunner:
         return hook
 
     def _load_own(self, module: torch.nn.Module, name: str, own: list[str]) -> None:
-        from accelerate.utils import set_module_tensor_to_device
-
-        files = set(self.source.names)
-        for n in own:
-            full = _join(name, n)
-            if full not in files:
-                raise ValueError(f"{self.source.name}: the model has parameter {full!r} and the weight files do not")
-            t = self.source.get(full)
-            set_module_tensor_to_device(module, n, "cpu", value=t.to(self.dtype) if t.is_floating_point() else t)
+        self._read(module, _join(name, ""), own, pooled=False)
         for p in module.parameters(recurse=False):
             p.requires_grad_(self.grad_outside and p.is_floating_point())
 
@@ -291,17 +283,25 @@ class BlockRunner:
 
     def _load(self, module: torch.nn.Module, prefix: str) -> None:
         """Read every parameter (and stored buffer) of block `module` from the files, in self.dtype."""
-        from accelerate.utils import set_module_tensor_to_device
-
         names = set(self.source.names)
         tensors = [n for n, _ in module.named_parameters(remove_duplicate=False)]
         tensors += [n for n, _ in module.named_buffers(remove_duplicate=False) if prefix + n in names]
+        self._read(module, prefix, tensors, pooled=True)
+
+    def _read(self, module: torch.nn.Module, prefix: str, tensors: list[str], pooled: bool) -> None:
+        """Module tensors ``tensors`` (names in ``module``, ``prefix`` + name in the files) read
+        and placed, floating ones in self.dtype (into the pool's buffers when ``pooled``)."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        names = set(self.source.names)
         for n in tensors:
             full = prefix + n
             if full not in names:
                 raise ValueError(f"{self.source.name}: the model has parameter {full!r} and the weight files do not")
             t = self.source.get(full)
-            set_module_tensor_to_device(module, n, "cpu", value=self._cast(n, t) if t.is_floating_point() else t)
+            if t.is_floating_point():
+                t = self._cast(n, t) if pooled else t.to(self.dtype)
+            set_module_tensor_to_device(module, n, "cpu", value=t)
 
     def _cast(self, n: str, t: torch.Tensor) -> torch.Tensor:
         """t in self.dtype: a new tensor, or with ``self.pool`` (a dict) copied into the pooled

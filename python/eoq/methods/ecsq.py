@@ -537,7 +537,6 @@ def _meet_exactly(p: Problem, steps, target: float):
     a few thousandths of a bit. At high rate R ~ h - log2(step), so growing every step by
     2^(excess / n) removes about `excess` bits.
     """
-    split = None
     for _ in range(8):
         split = None  # (the last try's codes freed before the next: a byte a weight)
         split = p.split(steps)
