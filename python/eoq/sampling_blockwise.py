@@ -78,9 +78,12 @@ def _step(runner, new: torch.Tensor, seen: int, cache) -> torch.Tensor:
             hidden = runner.block_forward(block, hidden, call)
         finally:
             runner.drop_block(i)
+    # The tail without the cache: the blocks are replays, and a model that derives positions
+    # from the cache would see this step's keys already in it (GPT-2: a position past its last)
+    tail = dict(input_ids=new, position_ids=kwargs["cache_position"].expand(b, -1), use_cache=False)
     with runner.outside(), runner.tail([hidden]) as current:
         current[0] = 0
-        out = runner.model(**kwargs)
+        out = runner.model(**tail)
     return out.logits[:, -1, :].to(copy=True, dtype=torch.float32)
 
 
