@@ -356,7 +356,8 @@ class BlockRunner:
         self.blocks[i].to("meta")
         # What a block's run freed is glibc's to reuse, and it keeps it: tensors of a few MiB
         # (one sequence's activations) come from its heap, whose free chunks it hands back only
-        # when trimmed. Untrimmed, an 8 B model's calibration held 2 GiB of them by mid-model.
+        # when trimmed. Untrimmed, the statistics pass over a 4-layer folder of 8 B shapes left
+        # 0.85 GiB of them held (BENCHMARKS.md), and more blocks left more.
         release_freed_memory()
 
     def block_forward(self, block, hidden: torch.Tensor, call: tuple[tuple, dict]) -> torch.Tensor:
