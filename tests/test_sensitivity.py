@@ -51,6 +51,32 @@ def test_fisher_predicts_noise_injection(model, seqs):
     assert s.coefficient("model.layers.0.self_attn.v_proj.weight") > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sampled_loglik_gradient_is_autograds(dtype):
+    """_backward_sampled_loglik (onehot(y) - p formed by hand, log p in row chunks) draws the
+    labels exp(log_softmax) sampling draws and gives the gradient autograd gives through
+    log_softmax and gather, across more rows than one chunk."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 3 * sens.LOGP_ROWS + 5, 16, generator=g)
+    w = torch.randn(300, 16, generator=g, dtype=dtype)
+
+    def logits(weight):
+        return x.to(dtype) @ weight.t()  # [1, T, 300]
+
+    mine = w.clone().requires_grad_(True)
+    sens._backward_sampled_loglik(logits(mine), torch.Generator().manual_seed(9))
+    ref = w.clone().requires_grad_(True)
+    logp = torch.log_softmax(logits(ref)[0].float(), dim=-1)
+    y = torch.multinomial(logp.detach().exp(), 1, generator=torch.Generator().manual_seed(9))
+    logp.gather(1, y).sum().backward()
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(mine.grad.float(), ref.grad.float(), **tol)
+    # a different generator state draws different labels, so a different gradient
+    other = w.clone().requires_grad_(True)
+    sens._backward_sampled_loglik(logits(other), torch.Generator().manual_seed(10))
+    assert not torch.allclose(other.grad.float(), ref.grad.float(), **tol)
+
+
 def test_fisher_pass_leaves_the_model_as_it_was(model, seqs):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}

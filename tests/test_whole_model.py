@@ -104,23 +104,65 @@ def test_embedding_rows_follow_their_tokens(tiny, tmp_path):
     assert steps.shape == (320,) and float(steps.max() / steps.min()) > 1.5
 
 
-def test_resume_after_a_kill_in_the_sensitivity_pass(tiny, tmp_path):
-    cfg = eoq.QuantConfig(bits=3.5, calib_sequences=4, sensitivity_sequences=2)
-    eoq.quantize_model(tiny["qwen2"], tmp_path / "ref", cfg, progress=False, verbose=False)
+def _killed_in_the_sensitivity_pass(folder, out, cfg) -> None:
+    """A conversion run in a subprocess (1 thread) that dies once its Fisher pass ran, before keeping it."""
     code = ("import eoq, sys; eoq.quantize_model(sys.argv[1], sys.argv[2], eoq.QuantConfig.from_json(sys.argv[3]), "
             "progress=False, verbose=False)")
-    args = [sys.executable, "-c", code, str(tiny["qwen2"]), str(tmp_path / "out"), cfg.to_json()]
     env = {**os.environ, "EOQ_FAULT_IN_SENSITIVITY": "1", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(args, env=env, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", code, str(folder), str(out), cfg.to_json()], env=env,
+                       capture_output=True, text=True)
     assert r.returncode == 75, r.stderr
+
+
+def test_resume_after_a_kill_in_the_sensitivity_pass(tiny, tmp_path, monkeypatch):
+    """The resumed run (2 threads) keeps the sampled text and the statistics the killed one
+    (1 thread) finished, redoes only the Fisher pass, and writes the uninterrupted run's bytes."""
+    from eoq import calibration, sampling_blockwise
+
+    cfg = eoq.QuantConfig(bits=3.5, calib_sequences=4, sensitivity_sequences=2)
+    eoq.quantize_model(tiny["qwen2"], tmp_path / "ref", cfg, progress=False, verbose=False)
+    _killed_in_the_sensitivity_pass(tiny["qwen2"], tmp_path / "out", cfg)
     partial = tmp_path / ".out.eoq-partial"
-    assert partial.is_dir() and not (partial / "sensitivity.safetensors").exists()
-    env.pop("EOQ_FAULT_IN_SENSITIVITY")
-    env["OMP_NUM_THREADS"] = "2"
-    r = subprocess.run(args, env=env, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    assert not (partial / "sensitivity.safetensors").exists()
+    assert (partial / "calib_samples.safetensors").is_file() and (partial / "calib_stats.safetensors").is_file()
+
+    def redone(*args, **kwargs):
+        raise AssertionError("a finished calibration stage ran again")
+
+    monkeypatch.setattr(sampling_blockwise, "sample_ids", redone)
+    monkeypatch.setattr(calibration, "collect_stats_blockwise", redone)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        eoq.quantize_model(tiny["qwen2"], tmp_path / "out", cfg, progress=False, verbose=False)
+    finally:
+        torch.set_num_threads(before)
     for f in ("model.safetensors", "quant_manifest.json"):
         assert (tmp_path / "out" / f).read_bytes() == (tmp_path / "ref" / f).read_bytes(), f
+
+
+@pytest.mark.parametrize("damage", ["shape", "ids", "garbage"])
+def test_resume_refuses_damaged_samples(tiny, tmp_path, damage):
+    """The kept samples are checked before use: a wrong shape, an id outside the vocabulary
+    or a file that is not one is refused, naming the file."""
+    from safetensors.torch import save_file
+
+    from eoq.sampling_blockwise import SAMPLES_FORMAT
+
+    cfg = eoq.QuantConfig(bits=3.5, calib_sequences=4, sensitivity_sequences=2)
+    _killed_in_the_sensitivity_pass(tiny["qwen2"], tmp_path / "out", cfg)
+    samples = tmp_path / ".out.eoq-partial" / "calib_samples.safetensors"
+    if damage == "garbage":
+        samples.write_bytes(b"\x10" + bytes(40))
+    else:
+        from safetensors import safe_open
+
+        with safe_open(str(samples), framework="pt") as f:
+            ids = f.get_tensor("ids")
+        ids = ids[:, :-1] if damage == "shape" else ids.index_fill(1, torch.tensor([3]), 10 ** 6)
+        save_file({"ids": ids.contiguous()}, str(samples), metadata={"format": SAMPLES_FORMAT})
+    with pytest.raises(ValueError, match="calib_samples.safetensors: the sampled calibration text"):
+        eoq.quantize_model(tiny["qwen2"], tmp_path / "out", cfg, progress=False, verbose=False)
 
 
 def test_budget_errors_name_the_numbers(tiny, tmp_path):

@@ -130,7 +130,7 @@ class BlockRunner:
 
         self.source, self.dtype = source, dtype
         self.scratch = scratch  # where the Fisher pass keeps block inputs (None: the system's temp dir)
-        self.pool: Optional[dict[str, torch.Tensor]] = None  # block tensors' reused buffers (_cast), when a dict
+        self.pool: Optional[dict[str, torch.Tensor]] = None  # block tensors' reused buffers (_cast_into), when a dict
         config = source.config
         with init_empty_weights(include_buffers=False):
             model = model_class(config)(config)
@@ -160,7 +160,7 @@ class BlockRunner:
         self._placeholding = False
         self._capturing = False
         self._own: dict[str, list[str]] = {}  # module -> its tensors read from the files
-        files = set(source.names)
+        files = self._files = frozenset(source.names)
         # Large vocabulary matrices run from their file (eoq.streamed_vocab), never read whole:
         # a bias-free head in row chunks (``on_head_grad`` takes its weight gradient chunk by
         # chunk, the Fisher pass), an embedding by the rows its tokens select (``embedding_grads``).
@@ -202,7 +202,7 @@ class BlockRunner:
         return hook
 
     def _load_own(self, module: torch.nn.Module, name: str, own: list[str]) -> None:
-        self._read(module, _join(name, ""), own, pooled=False)
+        self._read(module, _join(name, ""), own, pool=None)
         for p in module.parameters(recurse=False):
             p.requires_grad_(self.grad_outside and p.is_floating_point())
 
@@ -283,37 +283,24 @@ class BlockRunner:
 
     def _load(self, module: torch.nn.Module, prefix: str) -> None:
         """Read every parameter (and stored buffer) of block `module` from the files, in self.dtype."""
-        names = set(self.source.names)
         tensors = [n for n, _ in module.named_parameters(remove_duplicate=False)]
-        tensors += [n for n, _ in module.named_buffers(remove_duplicate=False) if prefix + n in names]
-        self._read(module, prefix, tensors, pooled=True)
+        tensors += [n for n, _ in module.named_buffers(remove_duplicate=False) if prefix + n in self._files]
+        self._read(module, prefix, tensors, pool=self.pool)
 
-    def _read(self, module: torch.nn.Module, prefix: str, tensors: list[str], pooled: bool) -> None:
+    def _read(self, module: torch.nn.Module, prefix: str, tensors: list[str],
+              pool: Optional[dict[str, torch.Tensor]]) -> None:
         """Module tensors ``tensors`` (names in ``module``, ``prefix`` + name in the files) read
-        and placed, floating ones in self.dtype (into the pool's buffers when ``pooled``)."""
+        and placed, floating ones in self.dtype (into ``pool``'s buffers when given)."""
         from accelerate.utils import set_module_tensor_to_device
 
-        names = set(self.source.names)
         for n in tensors:
             full = prefix + n
-            if full not in names:
+            if full not in self._files:
                 raise ValueError(f"{self.source.name}: the model has parameter {full!r} and the weight files do not")
             t = self.source.get(full)
             if t.is_floating_point():
-                t = self._cast(n, t) if pooled else t.to(self.dtype)
+                t = t.to(self.dtype) if pool is None else _cast_into(pool, n, t, self.dtype)
             set_module_tensor_to_device(module, n, "cpu", value=t)
-
-    def _cast(self, n: str, t: torch.Tensor) -> torch.Tensor:
-        """t in self.dtype: a new tensor, or with ``self.pool`` (a dict) copied into the pooled
-        one of block tensor n (blocks alike reuse one set of buffers: a pass that reads every
-        block many times, eoq.sampling_blockwise, would otherwise map fresh memory and fault
-        its pages in at every read)."""
-        if self.pool is None:
-            return t.to(self.dtype)
-        buf = self.pool.get(n)
-        if buf is None or buf.shape != t.shape:
-            buf = self.pool[n] = torch.empty(t.shape, dtype=self.dtype)
-        return buf.copy_(t)
 
     def block_name(self, i: int) -> str:
         return f"{self.prefix}{i}"
@@ -417,6 +404,16 @@ class BlockRunner:
 # memory here: 1 GiB keeps the estimate on the high side.
 PROCESS_BYTES = 1 << 30
 MEMORY_ENV = "EOQ_MEMORY_BUDGET"  # bytes calibration may use (suffix K/M/G/T allowed); default MemAvailable
+
+
+def _cast_into(pool: dict[str, torch.Tensor], n: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in dtype, copied into pool's buffer for block tensor n (blocks alike reuse one set of
+    buffers: a pass that reads every block many times, eoq.sampling_blockwise, would otherwise
+    map fresh memory and fault its pages in at every read)."""
+    buf = pool.get(n)
+    if buf is None or buf.shape != t.shape or buf.dtype != dtype:
+        buf = pool[n] = torch.empty(t.shape, dtype=dtype)
+    return buf.copy_(t)
 
 
 def memory_budget() -> Optional[tuple[int, str]]:

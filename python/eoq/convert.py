@@ -2,7 +2,9 @@
 
 The work happens in ``.<out>.eoq-partial`` next to the output:
   state.json                  the config and source the partial work belongs to
-  calib_stats.safetensors     activation statistics, once calibration has run
+  calib_samples.safetensors   the text sampled for calibration "self" (a folder's model)
+  calib_stats.safetensors     activation statistics, once their pass has run
+  sensitivity.safetensors     the Fisher pass's sums, once it has run (calib_info.json then)
   parts/<hash>.safetensors    one file per finished parameter: its stored tensors and, in
                               the metadata, its manifest entry (written to a temporary name
                               and renamed, so a file that exists is complete)
@@ -494,7 +496,7 @@ def calibrate(source: Source, config: QuantConfig, root: pathlib.Path, progress:
     from . import calibration as cal
 
     path, info_path = root / "calib_stats.safetensors", root / "calib_info.json"
-    sens_path = root / "sensitivity.safetensors"
+    sens_path, samples_path = root / "sensitivity.safetensors", root / "calib_samples.safetensors"
     # the Fisher pass for a sensitivity allocation; token counts for the vocabulary rows either way
     want_sens = sens is None and (config.allocation == "sensitivity" or bool(source.vocab))
     covariance = bool(config.feedback)
@@ -504,6 +506,9 @@ def calibrate(source: Source, config: QuantConfig, root: pathlib.Path, progress:
         if not covariance or stats is not None or has_covariance(saved):  # else measure again, with it
             return saved, info, (sens if sens is not None else Sensitivity.load(sens_path) if sens_path.is_file()
                                  else None)
+    if stats is None and path.is_file():  # an interrupted run finished the statistics pass
+        saved = cal.load_stats(path)
+        stats = saved if not covariance or has_covariance(saved) else None
     if source.tokenizer is None:
         raise ValueError(f"{source.name}: calibration needs a tokenizer and none was found; pass tokenizer=, or "
                          f"calibration=None (data-free), or stats= and sensitivity= measured elsewhere")
@@ -518,6 +523,7 @@ def calibrate(source: Source, config: QuantConfig, root: pathlib.Path, progress:
                               covariance and stats is None, scratch=root) if stats is None or fisher else None
         if stats is None:
             stats, model = activation_stats(source, seqs, covariance, progress, runner)
+            cal.save_stats(stats, path, source=config.calibration)  # kept before the Fisher pass
         shape = (len(seqs), config.calib_seq_len)
         if want_sens:
             sens = sensitivity_of(source, config, model, seqs, progress, runner)
@@ -543,13 +549,22 @@ def calibrate(source: Source, config: QuantConfig, root: pathlib.Path, progress:
         new_stats, text, seqs = cal.self_stats(model, source.tokenizer, n, length, seed=config.seed,
                                                progress=progress, covariance=covariance)
     else:
-        from .sampling_blockwise import sample_ids
+        from .sampling_blockwise import load_samples, sample_ids, save_samples
 
-        seqs = sample_ids(runner, cal.sampling_bos(source.tokenizer), n, length, seed=config.seed, progress=progress)
+        # each stage kept as it ends, so an interrupted run resumes after it (20 minutes of
+        # sampling and the statistics pass at 8 B)
+        if samples_path.is_file():
+            seqs = load_samples(samples_path, n, length, int(model.config.vocab_size))
+        else:
+            seqs = sample_ids(runner, cal.sampling_bos(source.tokenizer), n, length, seed=config.seed,
+                              progress=progress)
+            save_samples(samples_path, seqs)
         text = cal.decode_samples(source.tokenizer, seqs)
-        # the tokens generate() ran while sampling: BOS and all but the last sampled one
-        new_stats = cal.collect_stats_blockwise(runner, [s[:-1] for s in seqs], progress=progress,
-                                                covariance=covariance) if stats is None else None
+        new_stats = None
+        if stats is None:  # the tokens generate() ran while sampling: BOS and all but the last sampled one
+            new_stats = cal.collect_stats_blockwise(runner, [s[:-1] for s in seqs], progress=progress,
+                                                    covariance=covariance)
+            cal.save_stats(new_stats, path, source=config.calibration)
         model = None
     stats = new_stats if stats is None else stats
     if want_sens:

@@ -93,3 +93,43 @@ def _cache_keyword(model) -> str:
     import inspect
 
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+SAMPLES_FORMAT = "eoq-sampled-ids-1"
+
+
+def save_samples(path, seqs: list[torch.Tensor]) -> None:
+    """The sampled sequences, one [sequences, tokens] int64 tensor, written under a temporary
+    name and renamed: sampling is the longest part of an 8 B model's calibration (20 min
+    here), and a resumed conversion reads them back instead (load_samples)."""
+    import os
+
+    from safetensors.torch import save_file
+
+    tmp = f"{path}.tmp"
+    save_file({"ids": torch.stack(seqs).contiguous()}, tmp, metadata={"format": SAMPLES_FORMAT})
+    os.replace(tmp, path)
+
+
+def load_samples(path, n_sequences: int, length: int, vocab: int) -> list[torch.Tensor]:
+    """save_samples' sequences, checked against what the conversion asks for (n_sequences of
+    BOS and ``length`` tokens, ids below ``vocab``) before they are used; a ValueError naming
+    the file otherwise."""
+    from safetensors import SafetensorError, safe_open
+
+    where = f"{path}: the sampled calibration text of an interrupted conversion"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}).get("format") != SAMPLES_FORMAT or set(f.keys()) != {"ids"}:
+                raise ValueError(f"{where} is not an eoq samples file")
+            ids = f.get_tensor("ids")
+    except SafetensorError as e:
+        raise ValueError(f"{where} cannot be read ({e}); delete the partial folder to start again") from e
+    want = (n_sequences, length + 1)
+    if ids.dtype != torch.int64 or tuple(ids.shape) != want:
+        raise ValueError(f"{where} holds {ids.dtype} {tuple(ids.shape)}, where int64 {want} is expected; delete "
+                         f"the partial folder to start again")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise ValueError(f"{where} holds token ids outside the vocabulary (0..{vocab - 1}); delete the partial "
+                         f"folder to start again")
+    return [row.clone() for row in ids]

@@ -176,10 +176,7 @@ def fisher_pass(model, sequences: list[torch.Tensor], row_params: Iterable[str] 
     tokens = 0
     try:
         for ids in tqdm(sequences, desc="sensitivity", disable=not progress):
-            logits = model(input_ids=ids.reshape(1, -1)).logits[0].float()
-            logp = torch.log_softmax(logits, dim=-1)
-            y = torch.multinomial(logp.detach().exp(), 1, generator=gen)
-            logp.gather(1, y).sum().backward()
+            _backward_sampled_loglik(model(input_ids=ids.reshape(1, -1)).logits, gen)
             tokens += int(ids.numel())
             with torch.no_grad():
                 for n in first:
@@ -207,6 +204,27 @@ def fisher_pass(model, sequences: list[torch.Tensor], row_params: Iterable[str] 
 
 
 CHUNK_ELEMENTS = 1 << 23  # rows of a parameter squared in float64 at a time (64 MiB)
+LOGP_ROWS = 64  # tokens' log-probabilities formed at a time (32 MiB at a 128 k vocabulary)
+
+
+def _backward_sampled_loglik(logits: torch.Tensor, gen: torch.Generator) -> None:
+    """Backpropagate sum_t log p(y_t) from one sequence's logits [1, T, V], each label y_t
+    drawn from p_t = softmax(logits_t) with ``gen``.
+
+    The logits' gradient, onehot(y) - p, is formed in one float32 buffer that first holds p,
+    where autograd through log_softmax and gather allocates log p, the scattered one-hot, log
+    p's gradient and the logits' gradient, each T x V (250 MiB at 512 tokens of a 128 k
+    vocabulary). log p is taken LOGP_ROWS rows at a time (row by row the same values as
+    whole), so the labels are those exp(log_softmax) sampling drew."""
+    src = logits.detach()[0]
+    with torch.no_grad():
+        grad = torch.empty(src.shape, dtype=torch.float32)
+        for r0 in range(0, src.shape[0], LOGP_ROWS):
+            grad[r0:r0 + LOGP_ROWS] = torch.log_softmax(src[r0:r0 + LOGP_ROWS].float(), dim=-1)
+        probs = grad.exp_()
+        y = torch.multinomial(probs, 1, generator=gen)
+        grad = probs.neg_().scatter_add_(1, y, torch.ones(y.shape, dtype=grad.dtype))
+    logits.backward(grad.to(logits.dtype).reshape(logits.shape))
 
 
 def _mean_square(p: torch.Tensor) -> float:
@@ -356,10 +374,7 @@ def fisher_pass_blockwise(runner, sequences: list[torch.Tensor], row_params: Ite
                 current[0] = k
                 on_head.start(ids)
                 outputs[k] = hidden[k].detach().requires_grad_(True)
-                logits = model(input_ids=ids.reshape(1, -1), use_cache=False).logits[0].float()
-                logp = torch.log_softmax(logits, dim=-1)
-                y = torch.multinomial(logp.detach().exp(), 1, generator=gen)
-                logp.gather(1, y).sum().backward()
+                _backward_sampled_loglik(model(input_ids=ids.reshape(1, -1), use_cache=False).logits, gen)
                 grads.append(outputs[k].grad)
                 outputs[k] = None
                 stash = {}
@@ -377,7 +392,6 @@ def fisher_pass_blockwise(runner, sequences: list[torch.Tensor], row_params: Ite
                         else:
                             add(f, p.grad, p)
                         p.grad = None
-                del logits, logp  # the last sequence's would outlive the loop (0.5 GiB at 8 B)
                 on_head.finish(stash)
                 pending.append(stash)
             mean_squares()
