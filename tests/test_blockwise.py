@@ -234,27 +234,6 @@ def test_calibration_memory_estimate_by_part(tmp_path, monkeypatch):
     assert streamed[grad] == 4 * norms
 
 
-def test_stored_inputs_round_trip_exactly_and_leave_nothing(tmp_path):
-    from eoq.stored_inputs import StoredInputs
-
-    xs = [torch.randn(3, 5, generator=torch.Generator().manual_seed(i)) for i in range(4)]
-    with StoredInputs(tmp_path) as stored:
-        stored.put(0, xs[:2])
-        stored.put(1, xs[2:])
-        (d,) = list(tmp_path.iterdir())
-        assert len(list(d.iterdir())) == 2
-        back = stored.take(1)
-        assert all(torch.equal(a, b) for a, b in zip(back, xs[2:]))
-        assert len(list(d.iterdir())) == 1  # deleted as read
-        with pytest.raises(KeyError):
-            stored.take(1)
-    assert not list(tmp_path.iterdir())  # block 0, never taken, removed with the directory
-    with pytest.raises(RuntimeError), StoredInputs(tmp_path) as stored:
-        stored.put(0, xs)
-        raise RuntimeError("a pass that fails")
-    assert not list(tmp_path.iterdir())
-
-
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # tied, untied
 def test_fisher_pass_keeps_block_inputs_on_disk_and_releases_the_head(tmp_path, monkeypatch, arch):
     # Each block's inputs go to a file under runner.scratch between the two sweeps, and the
@@ -283,7 +262,7 @@ def test_fisher_pass_keeps_block_inputs_on_disk_and_releases_the_head(tmp_path, 
         return t
 
     def load_block(i):
-        if len(backward_loads) or len(puts) == len(runner.blocks) and heads:
+        if len(backward_loads) or len(puts) == len(runner.blocks) + 1 and heads:
             backward_loads.append(all(r() is None for r in heads))
         return real_load(i)
 
@@ -296,7 +275,7 @@ def test_fisher_pass_keeps_block_inputs_on_disk_and_releases_the_head(tmp_path, 
     finally:
         gc.enable()
     assert sens.tokens == 80
-    assert puts == list(range(1, len(runner.blocks) + 1))
+    assert puts == list(range(1, len(runner.blocks) + 2))  # every block's input, and the tail's
     assert heads and backward_loads == [True] * len(runner.blocks)
     assert not list((tmp_path / "scratch").iterdir())
 

@@ -2,8 +2,13 @@
 
 The work happens in ``.<out>.eoq-partial`` next to the output:
   state.json                  the config and source the partial work belongs to
+  calib_sampling.pt           sampling under way: the tokens so far, the generator and the
+                              key/value cache, every two minutes (eoq.sampling_checkpoint)
   calib_samples.safetensors   the text sampled for calibration "self" (a folder's model)
   calib_stats.safetensors     activation statistics, once their pass has run
+  fisher/                     the Fisher pass under way: each block's stored inputs and,
+                              after each block, the sums so far (eoq.fisher_checkpoint), so
+                              an interrupted pass goes on from the block it was in
   sensitivity.safetensors     the Fisher pass's sums, once it has run (calib_info.json then)
   parts/<hash>.safetensors    one file per finished parameter: its stored tensors and, in
                               the metadata, its manifest entry (written to a temporary name
@@ -526,7 +531,7 @@ def calibrate(source: Source, config: QuantConfig, root: pathlib.Path, progress:
             cal.save_stats(stats, path, source=config.calibration)  # kept before the Fisher pass
         shape = (len(seqs), config.calib_seq_len)
         if want_sens:
-            sens = sensitivity_of(source, config, model, seqs, progress, runner)
+            sens = sensitivity_of(source, config, model, seqs, progress, runner, root / "fisher")
         return _finish_calibration(source, config, stats, sens, want_sens, text, shape, path, info_path, sens_path)
     # A folder's model samples block by block (eoq.sampling_blockwise: the same tokens as
     # generate() on the loaded model, one block in memory); a model without blocks, whole.
@@ -556,9 +561,11 @@ def calibrate(source: Source, config: QuantConfig, root: pathlib.Path, progress:
         if samples_path.is_file():
             seqs = load_samples(samples_path, n, length, int(model.config.vocab_size))
         else:
+            sampling = root / "calib_sampling.pt"
             seqs = sample_ids(runner, cal.sampling_bos(source.tokenizer), n, length, seed=config.seed,
-                              progress=progress)
+                              progress=progress, checkpoint=sampling)
             save_samples(samples_path, seqs)
+            sampling.unlink(missing_ok=True)
         text = cal.decode_samples(source.tokenizer, seqs)
         new_stats = None
         if stats is None:  # the tokens generate() ran while sampling: BOS and all but the last sampled one
@@ -568,7 +575,7 @@ def calibrate(source: Source, config: QuantConfig, root: pathlib.Path, progress:
         model = None
     stats = new_stats if stats is None else stats
     if want_sens:
-        sens = sensitivity_of(source, config, model, seqs, progress, runner)
+        sens = sensitivity_of(source, config, model, seqs, progress, runner, root / "fisher")
     return _finish_calibration(source, config, stats, sens, want_sens, text, (n, length), path, info_path, sens_path)
 
 
@@ -641,12 +648,13 @@ def calibrate_model(model_or_path, folder: Union[str, os.PathLike], config: Opti
 
 
 def sensitivity_of(source: Source, config: QuantConfig, model, seqs: list, progress: bool,
-                   runner=None) -> Sensitivity:
+                   runner=None, checkpoint: Optional[os.PathLike] = None) -> Sensitivity:
     """The Fisher pass over the first sensitivity_sequences calibration sequences (when the
     model has an output distribution and the allocation asks for it), plus the calibration
     tokens' counts (the input embedding's row weights when there is no Fisher pass). With
     ``model`` None, a folder's model is run one block at a time (fisher_pass_blockwise: the
-    same sums, one block in memory) by ``runner`` (or a new BlockRunner), else loaded whole."""
+    same sums, one block in memory) by ``runner`` (or a new BlockRunner), else loaded whole;
+    that pass keeps its state in the folder ``checkpoint`` to resume from."""
     from . import sensitivity as sensmod
 
     vocab_rows = {name: source.spec(name).shape[0] for name, role in source.vocab.items() if role == "input"}
@@ -663,7 +671,7 @@ def sensitivity_of(source: Source, config: QuantConfig, model, seqs: list, progr
         if runner is not None:
             try:
                 sens = sensmod.fisher_pass_blockwise(runner, fisher_seqs, row_params=source.vocab, seed=config.seed,
-                                                     progress=progress)
+                                                     progress=progress, checkpoint=checkpoint)
             except sensmod.Unsupported:
                 sens = None
         if sens is None:

@@ -30,33 +30,50 @@ eoq converts leave the rest unset.
 from __future__ import annotations
 
 import math
+import os
+import time
+from typing import Optional
 
 import torch
 
 
-def sample_ids(runner, bos: int, n_sequences: int, length: int, seed: int = 0,
-               progress: bool = False) -> list[torch.Tensor]:
+def sample_ids(runner, bos: int, n_sequences: int, length: int, seed: int = 0, progress: bool = False,
+               checkpoint: Optional[os.PathLike] = None) -> list[torch.Tensor]:
     """``n_sequences`` sequences of BOS and ``length`` sampled tokens (1-D LongTensors), the
-    model run block by block (module docstring)."""
+    model run block by block (module docstring). With ``checkpoint`` (a file), the state is
+    kept there every sampling_checkpoint.CHECKPOINT_SECONDS, and a run that finds one of the
+    same sampling goes on from it, to the same tokens."""
     from tqdm.auto import tqdm
     from transformers import DynamicCache
+
+    from . import sampling_checkpoint as ck
 
     model = runner.model
     eos = model.generation_config.eos_token_id
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     ids = torch.full((n_sequences, 1), int(bos), dtype=torch.long)
     cache = DynamicCache(config=model.config)
+    keep = checkpoint is not None and ck.resumable(cache)
+    run = {"sequences": n_sequences, "length": length, "seed": int(seed), "bos": int(bos),
+           "vocab": int(model.config.vocab_size)}
     runner.pool = {}
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            for t in tqdm(range(length), desc="sampling calibration text", unit="token", disable=not progress):
+            kept = ck.load(checkpoint, run, cache, runner.dtype) if keep else None
+            ids = ids if kept is None else kept
+            saved = time.monotonic()
+            for t in tqdm(range(ids.shape[1] - 1, length), total=length, initial=ids.shape[1] - 1,
+                          desc="sampling calibration text", unit="token", disable=not progress):
                 new = ids if t == 0 else ids[:, -1:]
                 logits = _step(runner, new, ids.shape[1], cache)
                 vocab = torch.arange(logits.shape[-1])
                 logits = torch.where(torch.isin(vocab, torch.tensor(eos, dtype=torch.long)), -math.inf, logits)
                 nxt = torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1)
                 ids = torch.cat([ids, nxt], dim=1)
+                if keep and t + 1 < length and time.monotonic() - saved >= ck.CHECKPOINT_SECONDS:
+                    ck.save(checkpoint, run, ids, cache)
+                    saved = time.monotonic()
     finally:
         runner.pool = None
     return [row.clone() for row in ids]

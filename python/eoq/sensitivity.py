@@ -55,10 +55,12 @@ import dataclasses
 import json
 import os
 import pathlib
+import shutil
 from typing import Iterable, Optional, Union
 
 import torch
 
+from . import fisher_checkpoint
 from .stored_inputs import StoredInputs
 
 SIG_DIGITS = 9
@@ -277,12 +279,37 @@ class _HeadGradients:
             stash[self.first] = (sel, g, w)
 
 
+def _forward_storing_inputs(runner, calls: list, stored: StoredInputs, progress: bool) -> None:
+    """Step 1 of fisher_pass_blockwise, without a graph: each block's input hidden states,
+    and the last block's output (the tail's input, stored as block ``len(blocks)``'s), into
+    ``stored``. A kept store that already holds blocks 0..j's inputs (an interrupted pass)
+    goes on from block j."""
+    from tqdm.auto import tqdm
+
+    blocks = len(runner.blocks)
+    if not stored.has(0):
+        stored.put(0, [args[0] for args, _ in calls])
+    done = 0  # blocks whose output is stored
+    while done < blocks and stored.has(done + 1):
+        done += 1
+    hidden = [args[0] for args, _ in calls] if done == 0 else stored.take(done)
+    with torch.no_grad():
+        for i in tqdm(range(done, blocks), total=blocks, initial=done, desc="sensitivity forward", unit="block",
+                      disable=not progress):
+            block = runner.load_block(i)
+            try:
+                hidden = [runner.block_forward(block, h, c) for h, c in zip(hidden, calls)]
+            finally:
+                runner.drop_block(i)
+            stored.put(i + 1, hidden)
+
+
 class Unsupported(Exception):
     """The block-by-block Fisher pass cannot reproduce this model's gradients exactly."""
 
 
 def fisher_pass_blockwise(runner, sequences: list[torch.Tensor], row_params: Iterable[str] = (), seed: int = 0,
-                          progress: bool = False) -> Sensitivity:
+                          progress: bool = False, checkpoint: Optional[os.PathLike] = None) -> Sensitivity:
     """``fisher_pass`` with one decoder block in memory at a time (eoq.blockwise.BlockRunner).
 
     The same sums as the whole-model pass (equal up to the order of float additions): the
@@ -301,7 +328,13 @@ def fisher_pass_blockwise(runner, sequences: list[torch.Tensor], row_params: Ite
     A tied matrix (embedding = head) gets its two roles' gradients in steps 2 and 4; its
     squared gradient per sequence needs their sum, so the head's gradient is kept for the rows
     the sequence's tokens select (the only rows an embedding lookup's gradient touches; checked,
-    Unsupported otherwise) and the two are added there before squaring."""
+    Unsupported otherwise) and the two are added there before squaring.
+
+    With ``checkpoint`` (a folder; a conversion gives one in its partial folder) the pass can
+    be interrupted and run again: the block inputs are kept there, and after the tail and
+    after each block of step 3 the sums and gradients (eoq.fisher_checkpoint), so a new call
+    on the same sequences goes on from the block the last one was in and returns the same
+    sums bit for bit. The folder is removed when the pass has finished."""
     from tqdm.auto import tqdm
 
     model = runner.model
@@ -331,74 +364,85 @@ def fisher_pass_blockwise(runner, sequences: list[torch.Tensor], row_params: Ite
             acc_w2[first] += (g2 * w[r0:r0 + step].double().pow(2)).sum()
             if first in rows:
                 if sel is None:
-                    rows[first][row0 + r0:row0 + r0 + step] += g2.sum(1)
+                    rows[first][row0 + r0:row0 + r0 + g2.shape[0]] += g2.sum(1)  # (a chunk may be shorter)
                 else:
                     rows[first].index_add_(0, sel[r0:r0 + step], g2.sum(1))
 
     for n, p in model.named_parameters():
         p.requires_grad_(False)
-    with StoredInputs(runner.scratch) as stored:  # 1-3: each block's inputs on disk (eoq.stored_inputs)
-        seqs = list(sequences)
-        gen = torch.Generator().manual_seed(int(seed))
-        with torch.no_grad():  # 1
-            with runner.outside():
-                calls = runner.capture(seqs)
-            hidden = [args[0] for args, _ in calls]
-            for i in tqdm(range(len(runner.blocks)), desc="sensitivity forward", unit="block", disable=not progress):
-                block = runner.load_block(i)
-                try:
-                    stored.put(i, hidden)
-                    hidden = [runner.block_forward(block, h, c) for h, c in zip(hidden, calls)]
-                finally:
-                    runner.drop_block(i)
-        # The matrices outside the blocks, read by the runner when their module runs (the head in
-        # the tail, the embeddings in step 4), each with requires_grad; looked up by name, as
-        # each read makes a new Parameter.
-        rest = [n for n in first_of if not n.startswith(runner.prefix)]
+    seqs = list(sequences)
+    with torch.no_grad(), runner.outside():
+        calls = runner.capture(seqs)
+    expect = [(tuple(args[0].shape), args[0].dtype) for args, _ in calls]
+    blocks = len(runner.blocks)
+    # The matrices outside the blocks, read by the runner when their module runs (the head in
+    # the tail, the embeddings in step 4), each with requires_grad; looked up by name, as
+    # each read makes a new Parameter.
+    rest = [n for n in first_of if not n.startswith(runner.prefix)]
 
-        def loaded():
-            return {n: p for n in rest if (p := runner.loaded_parameter(n)) is not None}
+    def loaded():
+        return {n: p for n in rest if (p := runner.loaded_parameter(n)) is not None}
 
-        def mean_squares():  # of the matrices read in this phase, before they are dropped
-            for n, p in loaded().items():
-                mean_w2.setdefault(n, _mean_square(p))
+    def mean_squares():  # of the matrices read in this phase, before they are dropped
+        for n, p in loaded().items():
+            mean_w2.setdefault(n, _mean_square(p))
 
-        runner.grad_outside = True
-        grads, pending = [], []  # pending[k]: {first: (rows, head gradient there, head rows)} of the tied matrices
-        outputs = [None] * len(seqs)
-        head = f"{runner.head}.weight" if runner.head is not None else None
-        on_head = _HeadGradients(first_of.get(head), first_of.get(head) in tied_firsts, add)
-        runner.on_head_grad = on_head if head is not None else None
-        with runner.outside(), runner.tail(outputs) as current:  # 2
-            for k, ids in enumerate(seqs):
-                current[0] = k
-                on_head.start(ids)
-                outputs[k] = hidden[k].detach().requires_grad_(True)
-                _backward_sampled_loglik(model(input_ids=ids.reshape(1, -1), use_cache=False).logits, gen)
-                grads.append(outputs[k].grad)
-                outputs[k] = None
-                stash = {}
-                with torch.no_grad():
-                    for n, p in loaded().items():
-                        if p.grad is None:
-                            continue
-                        f = first_of[n]
-                        if f in tied_firsts:
-                            sel = ids.reshape(-1).unique()
-                            keep = torch.ones(p.shape[0], dtype=torch.bool)
-                            keep[sel] = False
-                            add(f, p.grad[keep], p[keep], keep.nonzero().reshape(-1))
-                            stash[f] = (sel, p.grad[sel].clone(), p[sel].detach().clone())
-                        else:
-                            add(f, p.grad, p)
-                        p.grad = None
-                on_head.finish(stash)
-                pending.append(stash)
-            mean_squares()
-        runner.on_head_grad = None
-        del hidden
-        for i in tqdm(reversed(range(len(runner.blocks))), total=len(runner.blocks), desc="sensitivity backward",
-                      unit="block", disable=not progress):  # 3
+    mark = fisher_checkpoint.fingerprint(seqs, blocks, seed)
+    keep = None if checkpoint is None else fisher_checkpoint.FisherCheckpoint(checkpoint, mark)
+    state = None if keep is None else keep.load(
+        blocks, firsts, {f: r.shape[0] for f, r in rows.items()}, {f: tuple(shapes[f]) for f in tied_firsts},
+        expect, tied_firsts)
+    stored = StoredInputs(runner.scratch, keep=None if keep is None else keep.root / "inputs", fingerprint=mark,
+                          expect=expect)
+    with stored:  # 1-3: each block's inputs on disk (eoq.stored_inputs)
+        if state is None:
+            _forward_storing_inputs(runner, calls, stored, progress)
+            runner.grad_outside = True
+            grads, pending = [], []  # pending[k]: {first: (rows, head gradient there, head rows)} of the tied matrices
+            outputs = [None] * len(seqs)
+            head = f"{runner.head}.weight" if runner.head is not None else None
+            on_head = _HeadGradients(first_of.get(head), first_of.get(head) in tied_firsts, add)
+            runner.on_head_grad = on_head if head is not None else None
+            gen = torch.Generator().manual_seed(int(seed))
+            with runner.outside(), runner.tail(outputs) as current:  # 2
+                for k, (ids, x) in enumerate(zip(seqs, stored.take(blocks))):
+                    current[0] = k
+                    on_head.start(ids)
+                    outputs[k] = x.requires_grad_(True)
+                    _backward_sampled_loglik(model(input_ids=ids.reshape(1, -1), use_cache=False).logits, gen)
+                    grads.append(outputs[k].grad)
+                    outputs[k] = None
+                    stash = {}
+                    with torch.no_grad():
+                        for n, p in loaded().items():
+                            if p.grad is None:
+                                continue
+                            f = first_of[n]
+                            if f in tied_firsts:
+                                sel = ids.reshape(-1).unique()
+                                keep_rows = torch.ones(p.shape[0], dtype=torch.bool)
+                                keep_rows[sel] = False
+                                add(f, p.grad[keep_rows], p[keep_rows], keep_rows.nonzero().reshape(-1))
+                                stash[f] = (sel, p.grad[sel].clone(), p[sel].detach().clone())
+                            else:
+                                add(f, p.grad, p)
+                            p.grad = None
+                    on_head.finish(stash)
+                    pending.append(stash)
+                mean_squares()
+            runner.on_head_grad = None
+            start = blocks - 1
+            if keep is not None:
+                keep.save(fisher_checkpoint.FisherState(start, acc, acc_w2, rows, mean_w2, grads, pending))
+            stored.discard(blocks)
+        else:  # resumed: the sums and gradients as the interrupted pass left them after a block
+            acc.update(state.acc)
+            acc_w2.update(state.acc_w2)
+            rows.update(state.rows)
+            mean_w2.update(state.mean_w2)
+            grads, pending, start = state.grads, state.pending, state.next_block
+        for i in tqdm(range(start, -1, -1), total=start + 1, desc="sensitivity backward", unit="block",
+                      disable=not progress):  # 3
             block = runner.load_block(i)
             prefix = runner.block_name(i) + "."
             try:
@@ -420,6 +464,10 @@ def fisher_pass_blockwise(runner, sequences: list[torch.Tensor], row_params: Ite
                             mean_w2[n] = _mean_square(p)
             finally:
                 runner.drop_block(i)
+            if keep is not None:
+                keep.save(fisher_checkpoint.FisherState(i - 1, acc, acc_w2, rows, mean_w2, grads, pending))
+            stored.discard(i)
+    runner.grad_outside = True
     tokens = 0
     with runner.outside():  # 4
         for k, ids in enumerate(seqs):
@@ -456,6 +504,8 @@ def fisher_pass_blockwise(runner, sequences: list[torch.Tensor], row_params: Ite
                     add(f, g_head, w_head, sel)
         mean_squares()
     runner.grad_outside = False
+    if keep is not None:
+        shutil.rmtree(keep.root, ignore_errors=True)
     for n in rest:  # a streamed head, or a matrix neither pass ran: its mean square from the file
         if n not in mean_w2:
             mean_w2[n] = _mean_square(runner.source.get(n))  # (bf16 -> float64 chunk by chunk: exact)
