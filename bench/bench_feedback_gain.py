@@ -9,7 +9,7 @@ sensitivities from the calibration text (``eoq.calibrate_model`` with feedback="
 ``--calib-dir`` and reused when it is already there):
 
 1. Per Linear weight: the rate-distortion curve of ecsq with plain rounding and with error
-   feedback (eoq.allocate.rd_curve, both measuring the output error over the weighted
+   feedback (eoq.convert.allocate.rd_curve, both measuring the output error over the weighted
    energy), and their ratio at each of ``--bits``: feedback's gain, min / median / max per
    kind of weight, and as bits (0.5 log2 of the ratio: at high rate D ~ 2^-2R).
 2. The allocation: equal slope at ``--budget`` bits/weight over these weights with the
@@ -63,8 +63,11 @@ def main(argv=None) -> int:
         torch.set_num_threads(a.threads)
 
     import eoq
-    from eoq import allocate, calibration as cal, sensitivity as sens_mod, testmodels
-    from eoq.convert import tensor_seed
+    from eoq.convert import allocate
+    from eoq.calibrate import statistics as cal
+    from eoq.calibrate import sensitivity as sens_mod
+    from eoq.testing import models as testmodels
+    from eoq.convert.pipeline import tensor_seed
 
     folder = testmodels.smollm2_dithered() if a.model == "dithered" else pathlib.Path(a.model)
     cdir = pathlib.Path(a.calib_dir)
@@ -75,7 +78,7 @@ def main(argv=None) -> int:
         eoq.calibrate_model(folder, cdir, cfg, progress=False)
     stats = cal.load_stats(cdir / "calib_stats.safetensors")
     sens = sens_mod.Sensitivity.load(cdir / "sensitivity.safetensors")
-    from eoq.sources import open_source
+    from eoq.format.sources import open_source
 
     source = open_source(folder)
     if a.held_out_only:
@@ -155,9 +158,10 @@ def held_out(a, source, stats) -> list[dict]:
     import re
 
     import eoq
-    from eoq import calibration as cal, feedback
-    from eoq.blockwise import BlockRunner
-    from eoq.convert import tensor_seed
+    from eoq.calibrate import statistics as cal
+    from eoq.methods import feedback
+    from eoq.calibrate.blockwise import BlockRunner
+    from eoq.convert.pipeline import tensor_seed
 
     pick = re.compile(a.eval_tensors)
     names = [n.removesuffix(".weight") for n in source.names if pick.search(n) and n.removesuffix(".weight") in stats]

@@ -44,9 +44,9 @@ import torch
 
 from eoq import ops
 from eoq.demo import rotate
-from eoq.gguf_weights import linear_weights
-from eoq.quantized import code_entropy_bits
-from eoq.testmodels import smollm2_gguf
+from eoq.format.gguf_weights import linear_weights
+from eoq.methods.quantized import code_entropy_bits
+from eoq.testing.models import smollm2_gguf
 
 HTS_LIB_CANDIDATES = ("libhtscodecs.so.2", "/usr/lib/x86_64-linux-gnu/libhtscodecs.so.2", "libhtscodecs.so")
 RANS_ORDER_X32 = 0x04  # <htscodecs/rANS_static4x16.h>

@@ -4,7 +4,7 @@
     python bench/bench_load.py [--models smollm2,llama1b] [--repeat 3] [--threads N] [--cold]
                                [--modes bf16,eoq,eoq-ref] [--no-kernel] [--json PATH]
 
-Models: ``smollm2`` is SmolLM2-135M-dithered (eoq.testmodels; a bf16 HF folder);
+Models: ``smollm2`` is SmolLM2-135M-dithered (eoq.testing.models; a bf16 HF folder);
 ``llama1b`` is a Llama-shaped folder with random weights that this script writes once into
 $EOQ_CACHE/bench_load/ (hidden 2048, 16 layers, intermediate 8192, 32 heads, 8 KV heads,
 vocab 32000, untied head: 1.10 B parameters; N(0, 0.02) Linear and embedding weights,
@@ -15,7 +15,7 @@ cache and reused.
 Loads (each in a fresh subprocess, the modes alternating within each repeat, best of
 --repeat): ``bf16`` is ``AutoModelForCausalLM.from_pretrained(bf16 folder, dtype=bfloat16)``;
 ``eoq`` is ``import eoq`` and the same call on the eoq folder, decoding with the fused kernel
-(eoq.fused, which repo.dequantize_entry calls for ecsq);
+(eoq.format.fused, which repo.dequantize_entry calls for ecsq);
 ``eoq-ref`` decodes every entry with the reference path (QuantizedTensor.dequantize). The
 time covers from_pretrained *and* touching every parameter (a float32-accumulated sum of
 each, the same for all modes): from_pretrained of a bf16 folder may map the file lazily, so
@@ -24,7 +24,7 @@ time over the same span (all threads): on a shared machine, at one thread, it is
 load costs without the waits for a core. Peak RSS is the child's VmHWM (mapped file pages
 count). The model class is imported before the clock starts.
 
-Kernel: ``eoq.fused.dequantize_fused`` alone over every quantized entry of the eoq folder
+Kernel: ``eoq.format.fused.dequantize_fused`` alone over every quantized entry of the eoq folder
 (parts already in memory, fresh outputs), best of --repeat, at 1 and 2 threads, in
 G weights/s of wall time and per CPU second (process time of all threads). ``--cold`` (root only) drops the page cache before every load
 (``sync; echo 3 > /proc/sys/vm/drop_caches``), so the loads read from disk.
@@ -65,7 +65,7 @@ def _peak_rss_bytes() -> int:
 def _use_reference() -> str:
     """Make repo.dequantize_entry decode every quantized entry with the reference path (the
     method's Python dequantizer) instead of the fused kernel it calls."""
-    from eoq import repo
+    from eoq.format import repo
 
     orig = repo.dequantize_entry
 
@@ -137,7 +137,7 @@ def run_child(spec: dict, threads, cold: bool) -> dict:
 
 
 def cache_dir() -> pathlib.Path:
-    from eoq import testmodels
+    from eoq.testing import models as testmodels
 
     d = testmodels.resolve_cache_dir() / "bench_load"
     d.mkdir(parents=True, exist_ok=True)
@@ -145,7 +145,7 @@ def cache_dir() -> pathlib.Path:
 
 
 def resolve(key: str) -> dict:
-    from eoq import testmodels
+    from eoq.testing import models as testmodels
 
     if key == "smollm2":
         return {"key": key, "label": "SmolLM2-135M-dithered", "bf16": testmodels.smollm2_dithered()}
@@ -176,11 +176,12 @@ def weight_bytes(folder) -> int:
 
 
 def kernel_rate(folder: pathlib.Path, repeat: int) -> dict:
-    """G weights/s of eoq.fused.dequantize_fused over every quantized entry of the folder."""
+    """G weights/s of eoq.format.fused.dequantize_fused over every quantized entry of the folder."""
     import torch
     from safetensors import safe_open
 
-    from eoq import fused, repo
+    from eoq.format import fused
+    from eoq.format import repo
 
     manifest = json.loads((folder / repo.MANIFEST).read_text())
     files = {}

@@ -4,7 +4,7 @@
     python bench/bench_methods.py --calib TEXT [--model dithered,gguf,PATH] [--bits 2,3,4,5,6]
                                   [--methods absmax,polar,turbo,ecsq] [--layers N] [--json PATH]
 
-Models: ``dithered`` is SmolLM2-135M-dithered (continuous weights, eoq.testmodels); ``gguf``
+Models: ``dithered`` is SmolLM2-135M-dithered (continuous weights, eoq.testing.models); ``gguf``
 is the original SmolLM2 GGUF, whose weights lie on a Q4_1 grid (marked "gridded": it
 flatters un-rotated block-32 codes and entropy coding); any other value is a local HF
 folder. Calibration statistics (E[a^2] per input channel of every Linear) are collected
@@ -37,14 +37,14 @@ import time
 import torch
 
 import eoq
-from eoq import calibration
-from eoq.quantized import weighted_error
+from eoq.calibrate import statistics as calibration
+from eoq.methods.quantized import weighted_error
 
 
 def load_model(spec: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from eoq import testmodels
+    from eoq.testing import models as testmodels
 
     if spec == "dithered":
         path, kw, label, gridded = testmodels.smollm2_dithered(), {}, "SmolLM2-135M-dithered", False

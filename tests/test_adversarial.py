@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import eoq
-from eoq.calibration import collect_stats
+from eoq.calibrate.statistics import collect_stats
 from tinymodels import build, save, with_outliers
 
 import adversarial
@@ -41,7 +41,7 @@ def cases(tmp_path_factory):
 def test_the_base_folder_loads_everywhere(cases):
     base, _, _ = cases
     sd = eoq.read_state_dict(base)
-    m = eoq.repo.read_manifest(base)
+    m = eoq.format.repo.read_manifest(base)
     methods = {e.get("method") for e in m["tensors"].values()}
     assert {"ecsq", "absmax", "polar"} <= methods
     assert any(e.get("meta", {}).get("low_bits", 0) > 0 for e in m["tensors"].values())  # codes past 8 bits

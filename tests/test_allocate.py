@@ -1,4 +1,4 @@
-"""eoq.allocate: rate-distortion curves, lower hulls, the equal-slope solution, and a global
+"""eoq.convert.allocate: rate-distortion curves, lower hulls, the equal-slope solution, and a global
 allocation inside a conversion (budget met, resumable, deterministic)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import eoq
-from eoq import allocate
+from eoq.convert import allocate
 from eoq.methods import ecsq
 
 from tinymodels import correlated_layer, save
@@ -113,8 +113,8 @@ def test_rd_curve_with_feedback_is_the_feedback_quantizers():
     """With the inputs' covariance the curve is error feedback's: its relative output error at
     a rate is what ecsq with feedback reaches there (within the interpolation between points),
     and on correlated inputs well below plain rounding's curve."""
-    from eoq import feedback
-    from eoq.quantized import weighted_error
+    from eoq.methods import feedback
+    from eoq.methods.quantized import weighted_error
 
     w, h, _ = correlated_layer()
     imp = torch.diagonal(h).float()
@@ -178,7 +178,7 @@ def test_global_allocation_uses_the_activation_statistics(tmp_path):
     """A layer whose most active inputs meet its smallest weights loses relatively more of its
     output to the same weight error (the rotation spreads the error over all inputs), so
     with those statistics it gets more bits than without them."""
-    from eoq.calibration import ActStats
+    from eoq.calibrate.statistics import ActStats
 
     from tinymodels import build
 

@@ -1,11 +1,13 @@
-"""eoq.blockwise: a model run one block at a time from its files gives the statistics of the
+"""eoq.calibrate.blockwise: a model run one block at a time from its files gives the statistics of the
 whole model's forward pass bit for bit, with one block in memory at a time."""
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from eoq import blockwise, calibration, sources
+from eoq.calibrate import blockwise
+from eoq.calibrate import statistics as calibration
+from eoq.format import sources
 from tinymodels import save
 
 
@@ -16,7 +18,7 @@ def _seqs(vocab=290, n=3, length=40):
 @pytest.mark.parametrize("stream_head", [False, True])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 def test_statistics_equal_the_whole_models(tmp_path, monkeypatch, arch, stream_head):
-    from eoq import streamed_vocab
+    from eoq.calibrate import streamed_vocab
 
     src = sources.open_source(save(arch, tmp_path / "m"))
     seqs = _seqs()
@@ -72,7 +74,7 @@ def test_a_block_missing_from_the_files_is_named(tmp_path):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])  # tied, untied, tied with positions
 def test_fisher_pass_equals_the_whole_models(tmp_path, arch):
-    from eoq import sensitivity
+    from eoq.calibrate import sensitivity
 
     src = sources.open_source(save(arch, tmp_path / "m"))
     seqs = _seqs()
@@ -104,10 +106,11 @@ def test_fisher_pass_equals_the_whole_models(tmp_path, arch):
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])  # tied, untied, tied with positions
 def test_fisher_pass_with_streamed_vocabulary_matrices(tmp_path, monkeypatch, arch):
     # The head run from its file in row chunks, its weight gradient never formed, and the
-    # embedding by the rows its tokens select (eoq.streamed_vocab): the same sums as the whole
+    # embedding by the rows its tokens select (eoq.calibrate.streamed_vocab): the same sums as the whole
     # model's within float32 rounding (x's gradient is added chunk after chunk), here with
     # 7-row chunks.
-    from eoq import sensitivity, streamed_vocab
+    from eoq.calibrate import sensitivity
+    from eoq.calibrate import streamed_vocab
 
     src = sources.open_source(save(arch, tmp_path / "m"))
     seqs = _seqs()
@@ -148,7 +151,7 @@ def test_calibration_holds_one_vocabulary_matrix_at_a_time(tmp_path, monkeypatch
     # while either is. Each read is a pass that needs it: the embedding in the two captures
     # and the Fisher pass's embedding step, the head in the two tails.
     import eoq
-    from eoq import convert
+    from eoq.convert import pipeline as convert
     from tinymodels import tokenizer
 
     folder = tokenizer(save("llama", tmp_path / "m"))
@@ -184,7 +187,7 @@ def test_calibration_holds_one_vocabulary_matrix_at_a_time(tmp_path, monkeypatch
 
 def test_calibration_that_cannot_fit_is_refused_before_it_starts(tmp_path, monkeypatch):
     import eoq
-    from eoq import convert
+    from eoq.convert import pipeline as convert
     from tinymodels import tokenizer
 
     folder = tokenizer(save("llama", tmp_path / "m"))
@@ -205,7 +208,7 @@ def test_calibration_that_cannot_fit_is_refused_before_it_starts(tmp_path, monke
 
 
 def test_calibration_memory_estimate_by_part(tmp_path, monkeypatch):
-    from eoq import streamed_vocab
+    from eoq.calibrate import streamed_vocab
     from tinymodels import build
 
     config = sources.open_source(save("llama", tmp_path / "m")).config
@@ -241,8 +244,9 @@ def test_fisher_pass_keeps_block_inputs_on_disk_and_releases_the_head(tmp_path, 
     import gc
     import weakref
 
-    from eoq import sensitivity, streamed_vocab
-    from eoq.stored_inputs import StoredInputs
+    from eoq.calibrate import sensitivity
+    from eoq.calibrate import streamed_vocab
+    from eoq.calibrate.stored_inputs import StoredInputs
 
     monkeypatch.setattr(streamed_vocab, "STREAM_VALUES", 0)
     src = sources.open_source(save(arch, tmp_path / "m"))
@@ -283,7 +287,7 @@ def test_fisher_pass_keeps_block_inputs_on_disk_and_releases_the_head(tmp_path, 
 def test_streamed_head_gives_its_weight_gradient_by_chunks_and_lets_go_of_the_weight():
     import weakref
 
-    from eoq import streamed_vocab
+    from eoq.calibrate import streamed_vocab
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(23, 8, generator=g).to(torch.bfloat16)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import transformers
 
-from eoq import calibration
+from eoq.calibrate import statistics as calibration
 
 
 @pytest.fixture(scope="module")

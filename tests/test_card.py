@@ -9,7 +9,7 @@ import torch
 
 import eoq
 from eoq.cli import main
-from eoq.evaluate import evaluate_tokens
+from eoq.evaluate.compare import evaluate_tokens
 
 from tinymodels import build, save
 

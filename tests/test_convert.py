@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import eoq
-from eoq import repo
-from eoq.calibration import collect_stats
-from eoq.convert import FAULT_ENV, tensor_seed
+from eoq.format import repo
+from eoq.calibrate.statistics import collect_stats
+from eoq.convert.pipeline import FAULT_ENV, tensor_seed
 
 from tinymodels import ARCHS, build, save, with_outliers
 

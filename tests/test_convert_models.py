@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import eoq
-from eoq import testmodels
-from eoq.embeddings import sentence_embeddings
+from eoq.testing import models as testmodels
+from eoq.evaluate.embeddings import sentence_embeddings
 
 SENTENCES = [
     "The cat sat on the mat.", "A dog is playing in the park.", "Quantum computers use qubits.",
@@ -138,7 +138,7 @@ def test_eval_of_the_converted_smollm2_against_its_base(smollm2_eoq, tmp_path, c
 
 
 def test_eval_of_an_encoder_is_embedding_cosine(tmp_path, minilm_text):
-    from eoq.evaluate import evaluate
+    from eoq.evaluate.compare import evaluate
 
     q = tmp_path / "q"
     eoq.quantize_model(testmodels.minilm(), q, eoq.QuantConfig(calibration=None, awq=False), progress=False,
@@ -147,5 +147,5 @@ def test_eval_of_an_encoder_is_embedding_cosine(tmp_path, minilm_text):
     c = s["result"]["cosine"]
     assert s["result"]["protocol"] == "embedding-cosine" and s["result"]["sentences"] >= 1
     assert 0.9 < c["min"] <= c["p1"] <= c["mean"] <= 1.0  # data-free 4 bits, one 256-token input
-    from eoq.card import write_card
+    from eoq.convert.card import write_card
     assert "cosine similarity to the base" in write_card(q).read_text()

@@ -1,4 +1,4 @@
-"""Fused ecsq dequantization (cpp/dequant.h, eoq.fused): bit for bit the reference path.
+"""Fused ecsq dequantization (cpp/dequant.h, eoq.format.fused): bit for bit the reference path.
 
 The reference is what repo.dequantize_entry computes today: QuantizedTensor.dequantize (the
 method's Python dequantizer, the AWQ division, the cast), transposed back for transposed
@@ -16,7 +16,9 @@ import pytest
 import torch
 
 import eoq
-from eoq import fused, ops, repo
+from eoq.format import fused
+from eoq import ops
+from eoq.format import repo
 
 BITS_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)

@@ -6,9 +6,10 @@ size is made small here so that small tensors stream."""
 import pytest
 import torch
 
-from eoq import allocate, quantize_tensor
+from eoq.convert import allocate
+from eoq import quantize_tensor
 from eoq.methods import ecsq
-from eoq.quantized import check_weight
+from eoq.methods.quantized import check_weight
 
 
 def weight(rows=600, cols=384, seed=0, dtype=torch.bfloat16):
@@ -80,7 +81,7 @@ def test_curves_are_the_same_streamed(monkeypatch):
 
 
 def test_kept_dtype_is_checked_chunk_by_chunk(monkeypatch):
-    import eoq.quantized as quantized
+    from eoq.methods import quantized as quantized
 
     monkeypatch.setattr(quantized, "CHECK_ROWS_VALUES", 1000)
     w = weight()
@@ -119,7 +120,7 @@ def test_sums_that_choose_are_the_same_at_any_thread_count():
     # torch's sum() splits a large reduction by thread: its last bits moved with the thread
     # count (6 of these 20 weighted errors did), and with them AWQ's alpha choice and the
     # vocabulary's row multipliers (stored steps). exact_sum does not move.
-    from eoq.quantized import exact_sum
+    from eoq.methods.quantized import exact_sum
 
     old = torch.get_num_threads()
     out = {}
@@ -143,13 +144,13 @@ def test_sums_that_choose_are_the_same_at_any_thread_count():
 
 
 def weighted_from(w, w_hat, imp):
-    from eoq.quantized import weighted_error
+    from eoq.methods.quantized import weighted_error
 
     return weighted_error(w, w_hat, imp)
 
 
 def test_exact_sum_is_the_sum_and_chunks_give_the_whole_blocks():
-    from eoq.quantized import block_sums, exact_sum
+    from eoq.methods.quantized import block_sums, exact_sum
 
     t = torch.randn(37, 1000, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     assert exact_sum(t) == pytest.approx(float(t.sum()), rel=1e-12)

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from eoq.evaluate import evaluate_tokens, windows
+from eoq.evaluate.compare import evaluate_tokens, windows
 
 from tinymodels import build
 
@@ -114,7 +114,7 @@ def test_bad_arguments(model, ids):
 
 
 def test_resolve_device():
-    from eoq.evaluate import resolve_device
+    from eoq.evaluate.compare import resolve_device
 
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
@@ -143,7 +143,7 @@ def test_cuda_evaluation_matches_cpu(model, ids):
 @cuda
 def test_load_quantized_on_cuda_is_bit_identical(tmp_path):
     import eoq
-    from eoq.evaluate import load_model
+    from eoq.evaluate.compare import load_model
 
     from tinymodels import save
 
@@ -158,7 +158,7 @@ def test_load_quantized_on_cuda_is_bit_identical(tmp_path):
 
 
 def test_a_folder_without_a_tokenizer_is_named(tmp_path):
-    from eoq.evaluate import evaluate
+    from eoq.evaluate.compare import evaluate
 
     from tinymodels import save
 
@@ -175,7 +175,7 @@ def test_evaluate_a_converted_tiny_model(tmp_path, device):
     import json
 
     import eoq
-    from eoq.evaluate import evaluate
+    from eoq.evaluate.compare import evaluate
 
     from tinymodels import TEXT, save, tokenizer
 

@@ -1,4 +1,4 @@
-"""GPTQ error feedback (cpp/gptq.h, eoq.feedback): kernel against its torch reference bit for
+"""GPTQ error feedback (cpp/gptq.h, eoq.methods.feedback): kernel against its torch reference bit for
 bit, determinism, the gain over plain rounding, the covariance rules and the domain maps."""
 
 import contextlib
@@ -9,8 +9,9 @@ import warnings
 import pytest
 import torch
 
-from eoq import _C, ops
-from eoq import feedback as fb
+from eoq import _C
+from eoq import ops
+from eoq.methods import feedback as fb
 from eoq.methods import rotation
 
 KERNELS = ("baseline", "avx2", "avx512")

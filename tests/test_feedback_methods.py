@@ -9,7 +9,9 @@ import pytest
 import torch
 
 import eoq
-from eoq import calibration, fused, repo
+from eoq.calibrate import statistics as calibration
+from eoq.format import fused
+from eoq.format import repo
 from eoq.standalone import load_quantized as standalone
 from tinymodels import build, correlated_layer, save
 
@@ -181,7 +183,7 @@ def test_bad_hessian_is_refused(bad, match):
 # ---- the pipeline ----------------------------------------------------------------------------
 
 def test_quantize_model_with_feedback(tmp_path, monkeypatch):
-    from eoq import allocate
+    from eoq.convert import allocate
 
     src = save("llama", tmp_path / "src")
     seqs = [torch.randint(3, 320, (64,), generator=torch.Generator().manual_seed(i)) for i in range(4)]

@@ -1,5 +1,5 @@
-"""The block-by-block Fisher pass interrupted and run again (eoq.fisher_checkpoint,
-eoq.stored_inputs): it goes on from the block it was in, and its sums are the uninterrupted
+"""The block-by-block Fisher pass interrupted and run again (eoq.calibrate.fisher_checkpoint,
+eoq.calibrate.stored_inputs): it goes on from the block it was in, and its sums are the uninterrupted
 pass's bit for bit; a damaged state or stored input is refused by name."""
 
 import pytest
@@ -7,8 +7,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from eoq import blockwise, fisher_checkpoint, sensitivity, sources, streamed_vocab
-from eoq.stored_inputs import StoredInputs
+from eoq.calibrate import blockwise
+from eoq.calibrate import fisher_checkpoint
+from eoq.calibrate import sensitivity
+from eoq.format import sources
+from eoq.calibrate import streamed_vocab
+from eoq.calibrate.stored_inputs import StoredInputs
 from tinymodels import save
 
 
@@ -184,7 +188,8 @@ def test_a_conversion_resumes_its_fisher_pass_and_writes_the_same_bytes(tmp_path
     """Interrupted after the backward sweep's first block, the conversion (run again with
     another thread count) redoes neither the sampling, the statistics nor that block."""
     import eoq
-    from eoq import calibration, sampling_blockwise
+    from eoq.calibrate import statistics as calibration
+    from eoq.calibrate import sampling_blockwise
     from tinymodels import tokenizer
 
     folder = tokenizer(save("qwen2", tmp_path / "m"))

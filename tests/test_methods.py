@@ -9,7 +9,7 @@ import torch
 
 import eoq
 from eoq import ops
-from eoq.quantized import weighted_error
+from eoq.methods.quantized import weighted_error
 
 METHODS = ["absmax", "polar", "turbo", "ecsq"]
 GAUSSIAN_LLOYD_MAX = {2: 0.1175, 3: 0.03454, 4: 0.009497, 5: 0.002499}
@@ -313,7 +313,8 @@ def test_row_importance_lowers_the_row_weighted_error_at_equal_rate():
     e_plain = weighted_error(w, plain.dequantize(), None, rho)
     assert e_rows < 0.7 * e_plain
     # The codes are round(x_i / (step * m_i)) of the rotated rows.
-    from eoq.methods import ecsq, rotation
+    from eoq.methods import ecsq
+    from eoq.methods import rotation
     x = rotation.rotate(w, rows.meta["rotation_block"], rows.meta["padded_cols"], 0)
     q = torch.round(x / rows.side["steps"].reshape(-1, 1).double().float())
     assert (q - rows.meta["offset"] - rows.codes.float()).abs().max() <= 1  # float32 step products: at most one off

@@ -92,7 +92,7 @@ def test_hundred_million_symbols():
 
 def test_size_within_half_percent_of_entropy_on_real_5bit_codes(smollm2_path):
     """1M real 5-bit codes (SmolLM2 Linear weights, Hadamard-rotated absmax Q5)."""
-    from eoq.gguf_weights import linear_weights
+    from eoq.format.gguf_weights import linear_weights
 
     codes = []
     for _, w in linear_weights(smollm2_path):

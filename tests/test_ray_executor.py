@@ -15,9 +15,9 @@ import ray  # CI installs it (Makefile, the "test" extra): these tests must run,
 import torch
 
 import eoq
-from eoq import repo
-from eoq.convert import CARRY_WAVE, FAULT_ENV, TensorJob, wave_bits, waves
-from eoq.executor import LocalExecutor, RayExecutor, make_executor
+from eoq.format import repo
+from eoq.convert.pipeline import CARRY_WAVE, FAULT_ENV, TensorJob, wave_bits, waves
+from eoq.convert.executor import LocalExecutor, RayExecutor, make_executor
 
 from tinymodels import save, tokenizer
 
@@ -173,7 +173,7 @@ def test_executor_arguments_and_optional_import(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # as if ray were not installed
     with pytest.raises(ImportError, match=r"pip install eoq\[ray\]"):
         make_executor("ray")
-    code = "import sys, eoq, eoq.convert, eoq.executor, eoq.cli; assert 'ray' not in sys.modules, 'ray imported'"
+    code = "import sys, eoq, eoq.convert, eoq.convert.executor, eoq.cli; assert 'ray' not in sys.modules, 'ray imported'"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
 

@@ -1,17 +1,20 @@
-"""eoq.sampling_blockwise: the default calibration text sampled with one block in memory is
+"""eoq.calibrate.sampling_blockwise: the default calibration text sampled with one block in memory is
 the whole model's generate() sample, token for token."""
 
 import pytest
 import torch
 
-from eoq import blockwise, calibration, sources
+from eoq.calibrate import blockwise
+from eoq.calibrate import statistics as calibration
+from eoq.format import sources
 from tinymodels import save, tokenizer
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 @pytest.mark.parametrize("stream_vocab", [False, True])
 def test_block_by_block_sampling_is_generates(tmp_path, monkeypatch, arch, stream_vocab):
-    from eoq import sampling_blockwise, streamed_vocab
+    from eoq.calibrate import sampling_blockwise
+    from eoq.calibrate import streamed_vocab
 
     src = sources.open_source(tokenizer(save(arch, tmp_path / "m")))
     whole: list = []
@@ -35,7 +38,7 @@ def test_self_calibration_of_a_folder_runs_block_by_block(tmp_path, monkeypatch)
     # block, and measures what the whole path measures on the same text (the statistics up to
     # float summation order: the whole path records them token by token while generating).
     import eoq
-    from eoq import convert
+    from eoq.convert import pipeline as convert
 
     folder = tokenizer(save("llama", tmp_path / "m"))
     config = eoq.QuantConfig(calib_sequences=3, calib_self_len=10, sensitivity_sequences=2)

@@ -1,11 +1,14 @@
-"""Block-by-block sampling interrupted and run again (eoq.sampling_checkpoint): it goes on
+"""Block-by-block sampling interrupted and run again (eoq.calibrate.sampling_checkpoint): it goes on
 from the last kept token and samples the uninterrupted run's tokens; a kept state of
 another run is ignored, a damaged one refused by name."""
 
 import pytest
 import torch
 
-from eoq import blockwise, sampling_blockwise, sampling_checkpoint, sources
+from eoq.calibrate import blockwise
+from eoq.calibrate import sampling_blockwise
+from eoq.calibrate import sampling_checkpoint
+from eoq.format import sources
 from tinymodels import save, tokenizer
 
 

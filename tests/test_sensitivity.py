@@ -1,11 +1,11 @@
-"""eoq.sensitivity: the Fisher pass against noise injection, its files, and its rounding."""
+"""eoq.calibrate.sensitivity: the Fisher pass against noise injection, its files, and its rounding."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from eoq import sensitivity as sens
+from eoq.calibrate import sensitivity as sens
 
 from tinymodels import build
 

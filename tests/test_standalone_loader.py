@@ -442,7 +442,7 @@ def write_folder(model, out: pathlib.Path, recipe, shards: int = 2):
             tensors.update({name if p == "tensor" else f"{name}.{p}": v for p, v in stored[name].items()})
             entries[name]["file"] = file
             if name == marker:
-                tensors[name] = torch.frombuffer(bytearray(eoq.repo.MARKER_TEXT.encode()), dtype=torch.uint8)
+                tensors[name] = torch.frombuffer(bytearray(eoq.format.repo.MARKER_TEXT.encode()), dtype=torch.uint8)
         save_file(tensors, str(out / file), metadata={"format": "pt"})
         weight_map.update({k: file for k in tensors})
     for name, entry in entries.items():  # the checksums cover every field, "file" included
@@ -484,9 +484,9 @@ def folder(tmp_path_factory):
 
 
 def test_constants_agree_with_eoq(lq):
-    assert lq.FORMAT_VERSION == eoq.repo.FORMAT_VERSION == 2
-    assert lq.MARKER_TEXT == eoq.repo.MARKER_TEXT
-    assert lq.MAX_MANIFEST_BYTES == eoq.repo.MAX_MANIFEST_BYTES
+    assert lq.FORMAT_VERSION == eoq.format.repo.FORMAT_VERSION == 2
+    assert lq.MARKER_TEXT == eoq.format.repo.MARKER_TEXT
+    assert lq.MAX_MANIFEST_BYTES == eoq.format.repo.MAX_MANIFEST_BYTES
 
 
 def test_read_folder(lq, folder):

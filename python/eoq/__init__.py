@@ -47,15 +47,26 @@ _check_torch_version()
 from . import _C  # noqa: E402
 from . import ops
 from .errors import CorruptStreamError
-from .quantized import QuantizedTensor, quantize_tensor
-from .quant_config import ProtectRule, QuantConfig, parse_size
+from .methods.quantized import QuantizedTensor, quantize_tensor
+from .convert.quant_config import ProtectRule, QuantConfig, parse_size
 from .errors import FormatError
-from .convert import calibrate_model, quantize_model, summary_table
-from .loading import load_quantized, read_state_dict
-from .hf_quantizer import register as _register
+from .convert.pipeline import calibrate_model, quantize_model, summary_table
+from .load.loader import load_quantized, read_state_dict
+from .load.hf_quantizer import register as _register
 
 __version__ = "0.1.0"
 __all__ = ["ops", "CorruptStreamError", "FormatError", "QuantizedTensor", "quantize_tensor", "QuantConfig",
            "ProtectRule", "parse_size", "calibrate_model", "quantize_model", "summary_table", "load_quantized", "read_state_dict", "__version__"]
 
 _register()
+
+from . import _moved  # noqa: E402
+
+_moved.install()
+
+
+def __getattr__(name: str):
+    """``eoq.repo`` and the other modules of the flat layout: their new place (eoq._moved)."""
+    if name in _moved.MOVED:
+        return _moved.resolve(name)
+    raise AttributeError(f"module 'eoq' has no attribute {name!r}")

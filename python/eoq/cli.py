@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Optional
 
-from .quant_config import ProtectRule, QuantConfig, parse_size
+from .convert.quant_config import ProtectRule, QuantConfig, parse_size
 
 
 def _size(text: str) -> int:
@@ -121,7 +121,7 @@ def config_from_args(a) -> QuantConfig:
 def run_quantize(a) -> int:
     import torch
 
-    from .convert import quantize_model
+    from .convert.pipeline import quantize_model
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -166,7 +166,7 @@ def eval_parser(sub) -> None:
 def run_eval(a) -> int:
     import torch
 
-    from .evaluate import evaluate, format_result
+    from .evaluate.compare import evaluate, format_result
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -177,7 +177,7 @@ def run_eval(a) -> int:
     import pathlib
     if a.out and pathlib.Path(a.out).resolve() == pathlib.Path(a.model).resolve() and \
             (pathlib.Path(a.model) / "quant_manifest.json").is_file():
-        from .card import write_card
+        from .convert.card import write_card
         print(f"updated {write_card(a.out)}")  # the card now carries the evaluation
     return 0
 
@@ -190,7 +190,7 @@ def card_parser(sub) -> None:
     p.add_argument("--base-model", help="hub id of the model this was quantized from (front matter base_model)")
 
     def run(a) -> int:
-        from .card import write_card
+        from .convert.card import write_card
         print(f"wrote {write_card(a.folder, a.base_model)}")
         return 0
 
@@ -206,7 +206,7 @@ def push_parser(sub) -> None:
     p.add_argument("--no-verify", action="store_true", help="skip decoding every tensor before the upload")
 
     def run(a) -> int:
-        from .push import push
+        from .convert.push import push
         files = push(a.folder, a.repo_id, dry_run=a.dry_run, private=a.private, verify=not a.no_verify)
         for name, size in files:
             print(f"{size:>14,}  {name}")

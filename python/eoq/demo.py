@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     import eoq
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .testmodels import resolve_cache_dir, smollm2_gguf
+    from .testing.models import resolve_cache_dir, smollm2_gguf
 
     ap = argparse.ArgumentParser(prog="python -m eoq.demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", help="output folder (default: <cache>/demo/SmolLM2-135M-Instruct-eoq)")
@@ -99,8 +99,8 @@ def main(argv=None) -> int:
 def run_evaluation(out: pathlib.Path, gguf: pathlib.Path, a):
     """Perplexity and KLD of the folder against the GGUF base on a quick slice; the card is
     rewritten with the result. Skipped, with a note, when no evaluation text is at hand."""
-    from .card import write_card
-    from .evaluate import evaluate, format_result
+    from .convert.card import write_card
+    from .evaluate.compare import evaluate, format_result
 
     text = a.text or "wikitext:wikitext-2-raw-v1:test"
     print(f"\n== evaluation against the base: {text}, {a.max_windows} windows of 512 tokens")

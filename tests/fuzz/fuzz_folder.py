@@ -725,9 +725,9 @@ def main(argv):
     opts = fuzzlib.Options(argv)
     with atheris.instrument_imports(include=["eoq"]):
         import eoq
-        import eoq.loading  # noqa: F401
+        import eoq.load.loader  # noqa: F401
         import eoq.methods  # noqa: F401
-        import eoq.repo  # noqa: F401
+        import eoq.format.repo  # noqa: F401
     import torch
 
     torch.set_num_threads(1)
@@ -759,7 +759,7 @@ def main(argv):
         else:
             labels = [apply(st, cat, Chooser(log=list(log)), scratch) for cat, log in ops if cat >= 0]
         how = ops[-1][1][0] if ops and ops[-1][0] == -1 else 0
-        st.forged = how >= 2 and forge(st, eoq.repo, entries=how == 3)
+        st.forged = how >= 2 and forge(st, eoq.format.repo, entries=how == 3)
         if st.forged:
             labels.append("forged checksums" if how == 3 else "forged manifest checksum")
         return st, labels

@@ -10,7 +10,10 @@
           rANS-coded (the default).
 """
 
-from . import absmax, ecsq, polar, turbo
+from . import absmax
+from . import ecsq
+from . import polar
+from . import turbo
 
 METHODS = {"absmax": absmax, "polar": polar, "turbo": turbo, "ecsq": ecsq}
 

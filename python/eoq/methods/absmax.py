@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from ..quantized import QuantizedTensor
+from .quantized import QuantizedTensor
 
 DEFAULT_BLOCK = 32
 
@@ -27,7 +27,7 @@ def quantize(w: torch.Tensor, bits, block_size=None, importance=None, seed=0, na
     codes, scales = ops.absmax_quantize(w, int(bits), block, importance)
     meta = {}
     if hessian is not None:  # value = (code - half) * scale, scale signed (cpp/absmax.cpp)
-        from .. import feedback
+        from . import feedback
         from .regrid import requantize
 
         half = 1 << (int(bits) - 1)

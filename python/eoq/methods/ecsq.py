@@ -30,7 +30,7 @@ alphabet's step floor (below) up for everybody. The per-row steps are stored (32
 row), so the dequantizer is the ``group_rows=1`` one.
 
 Error feedback (option ``hessian=``, the input covariance E[a a^T] of the Linear; GPTQ,
-eoq.feedback): the rotated rows are quantized column by column on the same grid (the same
+eoq.methods.feedback): the rotated rows are quantized column by column on the same grid (the same
 steps), each column's rounding error pushed onto the columns not yet quantized through the
 inverse of the covariance in the rotated domain, so the output error (W - W_hat) H (W -
 W_hat)^T drops while the format stays as it is. The codes' distribution changes (it
@@ -38,7 +38,7 @@ widens), so every rate the step search and the exact-size loop measure is measur
 codes after feedback: the rate target is met honestly. The codes are clamped to the range
 plain rounding gives at that step. ``rate_and_output_error`` measures a point of feedback's
 own rate-distortion curve (the rate of the codes it chooses, the output error through the
-covariance) for eoq.allocate, which a conversion does not use yet (allocate.FEEDBACK_CURVES).
+covariance) for eoq.convert.allocate, which a conversion does not use yet (allocate.FEEDBACK_CURVES).
 
 Reconstruction at low rates: the midpoint q * step is the best reconstruction of a cell only
 where the density is flat across it. At 2-3 bits the cells next to zero are wide against the
@@ -53,7 +53,7 @@ codes for the midpoints' errors) nor with low bits (high rates, where it gains n
 Speed: a trial step is measured without materialising its codes: ops.code_histogram counts
 round(x / step) and sums each row's squared error in one pass (C++), and the rate is read off
 the counts (counts_coded_bits, the same number coded_bits gives on the codes). The step
-search, the exact-size loop's first estimate and eoq.allocate's curves all use it; only
+search, the exact-size loop's first estimate and eoq.convert.allocate's curves all use it; only
 error feedback, which chooses other codes than rounding, still counts real codes.
 
 Memory: a tensor of more than two CHUNK_VALUES chunks (a vocabulary matrix) is streamed
@@ -88,8 +88,7 @@ from typing import Optional
 import torch
 
 from .. import ops
-from ..quantized import (QuantizedTensor, block_sums, code_entropy_bits, counts_entropy_bits, evenly_spaced_rows,
-                         exact_sum, weighted_error, weighted_error_blocks)
+from .quantized import QuantizedTensor, block_sums, code_entropy_bits, counts_entropy_bits, evenly_spaced_rows, exact_sum, weighted_error, weighted_error_blocks
 from . import rotation
 
 DEFAULT_BLOCK = 512
@@ -214,7 +213,7 @@ def row_multipliers(row_importance: torch.Tensor, row_tokens: Optional[float] = 
 
 class Problem:
     """The rotated rows of one tensor and what every trial step needs (quantize here, and the
-    rate-distortion curves of eoq.allocate). With row multipliers the codes are
+    rate-distortion curves of eoq.convert.allocate). With row multipliers the codes are
     round(x_i / (step * m_i)): ``x`` holds the rotated rows divided by m_i, so one step serves
     every row, and the distortion is measured back in the weight's own scale.
 
@@ -355,7 +354,7 @@ class Problem:
         * cols / padded. A random rotation spreads each row's error evenly over its columns, so
         this is the expectation of the exact distortion() without the inverse rotation and the
         float64 copies (what makes a rate-distortion curve of a whole model affordable;
-        eoq.allocate); measured within 0.1 % of it on Gaussian rows. ``scale_to`` = (codes,
+        eoq.convert.allocate); measured within 0.1 % of it on Gaussian rows. ``scale_to`` = (codes,
         stored steps) of the whole tensor when these rows are a sample of it: the bits are
         then the whole tensor's (the distortion stays the sample's)."""
         codes, stored_steps = scale_to if scale_to is not None else (None, self.stored_steps)
@@ -389,7 +388,7 @@ class Problem:
     def feedback_codes(self, steps) -> tuple[torch.Tensor, torch.Tensor]:
         """(codes int32, reconstruction of the rotated rows) with error feedback at these steps,
         the codes clamped to the range plain rounding gives."""
-        from .. import feedback
+        from . import feedback
 
         plain = torch.cat([self.q(sl, s) for sl, s in zip(self.groups, steps)])
         scale = torch.cat([torch.full((sl.stop - sl.start, 1), float(s)) for sl, s in zip(self.groups, steps)])
@@ -401,7 +400,7 @@ class Problem:
     def rate_and_output_error(self, step, h_rot: torch.Tensor) -> tuple[float, float]:
         """(total_bits, distortion) of the whole tensor at one step *with error feedback*: the
         rate of the codes feedback chooses, and the output error sum_i rho_i e_i H e_i^T of the
-        rotated rows' errors e_i (H in the rotated domain, eoq.feedback.rotate_hessian). Its
+        rotated rows' errors e_i (H in the rotated domain, eoq.methods.feedback.rotate_hessian). Its
         diagonal is E[a^2], the importance: for errors that do not correlate with the inputs
         this equals rate_and_spread_distortion's distortion in expectation; feedback's errors do
         correlate (they are pushed where the inputs are quiet), which only this measure sees."""

@@ -19,7 +19,7 @@ import math
 import torch
 
 from .. import ops
-from ..quantized import QuantizedTensor
+from .quantized import QuantizedTensor
 from . import rotation
 from .codebooks import codebook
 

@@ -44,11 +44,11 @@ def unrotate(x: torch.Tensor, block: int, cols: int, seed: Optional[int]) -> tor
 def feedback_factor(hessian: torch.Tensor, block: int, padded: int, seed: Optional[int], name: str,
                     damp: float = 0.01, tokens: Optional[int] = None) -> torch.Tensor:
     """The upper Cholesky factor of the damped inverse covariance *in the rotated domain*
-    (H -> M H M^T, eoq.feedback.rotate_hessian), which error feedback walks the rotated
+    (H -> M H M^T, eoq.methods.feedback.rotate_hessian), which error feedback walks the rotated
     coordinates with. The rotation mixes the zero-padded columns into every coordinate of their
     block, so with padding the rotated H is singular (rank <= cols); the damping makes it
     factorizable, and error that lands in the padding is cropped by ``unrotate``."""
-    from .. import feedback
+    from . import feedback
 
     return feedback.inverse_cholesky(feedback.rotate_hessian(hessian, block, padded, seed), damp=damp, name=name,
                                      tokens=tokens)

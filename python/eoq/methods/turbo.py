@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from ..quantized import QuantizedTensor
+from .quantized import QuantizedTensor
 from . import rotation
 from .codebooks import codebook
 from .polar import check_bits, check_scale, fit_scales

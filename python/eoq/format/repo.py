@@ -1,0 +1,281 @@
+"""The quantized model folder (repo format 2, docs/FORMAT.md): manifest entries, checksums,
+and the decoding of one entry back into a weight.
+
+Both directions live here so that what the writer records is exactly what the readers
+check: an entry is built from a QuantizedTensor and its stored parts, and a QuantizedTensor
+is rebuilt from an entry and the parts read back, after the checksum and every shape and
+dtype the manifest promises have been verified.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+from typing import Optional
+
+import torch
+
+from .. import ops
+from ..errors import CorruptStreamError, FormatError
+from ..methods.quantized import QuantizedTensor, code_entropy_bits
+from ..standalone.load_quantized import check_side  # noqa: F401  (one implementation for both readers)
+
+FORMAT = "eoq"
+FORMAT_VERSION = 2
+MANIFEST = "quant_manifest.json"
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+MARKER_TEXT = "eoq-quantized weights: `import eoq` before from_pretrained, or use load_quantized.py"
+QUANTIZED_KINDS = ("quantized", "protected")
+MAX_MANIFEST_BYTES = 256 << 20  # a manifest is ~1 KB a tensor; refuse to parse a bomb
+MAX_WEIGHT = 1e37  # the largest weight magnitude side tensors may imply (float32 tops out at 3.4e38)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: str, where: str) -> torch.dtype:
+    dt = getattr(torch, str(name), None)
+    if not isinstance(dt, torch.dtype):
+        raise FormatError(f"{where}: unknown dtype {name!r}")
+    return dt
+
+
+def entry_numel(entry: dict) -> int:
+    return math.prod(entry["shape"])
+
+
+def entry_itemsize(entry: dict) -> int:
+    return torch.empty(0, dtype=dtype_from_name(entry["dtype"], "entry")).element_size()
+
+
+def part_order(parts: dict) -> list[str]:
+    """codes first, then the side parts by name: the order the checksum covers."""
+    return (["codes"] if "codes" in parts else []) + sorted(p for p in parts if p != "codes")
+
+
+def is_quantized(entry: dict) -> bool:
+    return entry.get("kind") in QUANTIZED_KINDS and "method" in entry
+
+
+# ---- checksums -----------------------------------------------------------------------------
+#
+# An entry's checksum covers what it stores *and* how it is read: CRC-32C over the stored
+# tensors' bytes (parts in part_order), continued over the canonical JSON of the entry itself
+# without its checksum (its recipe: method, shapes, offset, seed, rotation block, ...). A
+# changed byte or a changed field both fail it. The manifest's own checksum covers the list
+# of entries and the marker, so an entry removed together with its tensors fails too. CRC-32C
+# finds damage, not forgery: a folder's author can always write consistent lies, and for
+# those the reader's validation (eoq.format.validate) keeps every length and shape in bounds.
+
+
+def canonical_json(obj, where: str) -> bytes:
+    try:
+        return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+    except (TypeError, ValueError) as e:
+        raise FormatError(f"{where}: not canonical JSON ({e})") from e
+
+
+def crc32c_bytes(data: bytes, value: int = 0) -> int:
+    return ops.crc32c(torch.frombuffer(bytearray(data), dtype=torch.uint8), value) if data else value
+
+
+def data_crc(tensors: list[torch.Tensor]) -> int:
+    crc = 0
+    for t in tensors:
+        crc = ops.crc32c_tensor(t, crc)
+    return crc
+
+
+def entry_checksum(name: str, entry: dict, crc: int) -> str:
+    """The checksum of entry `name` whose stored bytes have CRC-32C `crc` (0 when nothing is
+    stored): `crc` continued over the canonical JSON of [name, the entry without its checksum]."""
+    recipe = [name, {k: v for k, v in entry.items() if k != "checksum"}]
+    return f"crc32c:{crc32c_bytes(canonical_json(recipe, name), crc):08x}"
+
+
+def manifest_checksum(manifest: dict, where: str = "manifest") -> str:
+    listing = {"marker": manifest.get("marker"),
+               "tensors": {n: e.get("checksum") if isinstance(e, dict) else None
+                           for n, e in manifest["tensors"].items()}}
+    return f"crc32c:{crc32c_bytes(canonical_json(listing, where)):08x}"
+
+
+def seal(manifest: dict) -> None:
+    """Give every entry its final checksum (from the data CRC it carries while being built,
+    ``data_crc32c``) and the manifest its own; the writer's last step."""
+    for name, e in manifest["tensors"].items():
+        crc = e.pop("data_crc32c", 0)
+        e["checksum"] = entry_checksum(name, e, crc)
+    manifest["checksum"] = manifest_checksum(manifest)
+
+
+# ---- writing -------------------------------------------------------------------------------
+
+
+def choose_codec(qt: QuantizedTensor, codec: str) -> tuple[str, torch.Tensor]:
+    """The stored codes: ``auto`` keeps whichever of rANS and fixed-rate packing is smaller
+    (ties to rANS); ecsq's codes only make sense entropy-coded, but packing is still exact."""
+    if codec in ("rans", "packed"):
+        return codec, qt.code_stream(codec)
+    rans = qt.code_stream("rans")
+    packed_bytes = -(-qt.codes.numel() * qt.code_bits // 8)  # (ops.pack_bits: ceil(n bits / 8), not made twice)
+    return ("rans", rans) if rans.numel() <= packed_bytes else ("packed", qt.code_stream("packed"))
+
+
+def quantized_entry(qt: QuantizedTensor, codec: str, kind: str, transposed: bool, shape, rule: Optional[str]
+                    ) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(manifest entry, stored parts) for one quantized parameter."""
+    codec, stream = choose_codec(qt, codec)
+    parts = {"codes": stream, **{k: v.contiguous() for k, v in qt.side.items()}}
+    stored = sum(t.numel() * t.element_size() for t in parts.values())
+    rows, cols = qt.shape
+    entry = {
+        "kind": kind, "method": qt.method, "bits": qt.bits, "block_size": qt.block_size, "seed": qt.seed,
+        "shape": list(shape), "dtype": dtype_name(qt.dtype), "transposed": transposed, "qshape": [rows, cols],
+        "code_shape": list(qt.codes.shape), "code_bits": qt.code_bits, "codec": codec,
+        "parts": {k: {"dtype": dtype_name(t.dtype), "shape": list(t.shape)} for k, t in parts.items()},
+        "meta": qt.meta, "code_entropy": round(code_entropy_bits(qt.codes), 6), "stored_bytes": stored,
+        "bits_per_weight": round(8.0 * stored / (rows * cols), 6),
+        "data_crc32c": data_crc([parts[p] for p in part_order(parts)]),
+    }
+    if rule is not None:
+        entry["rule"] = rule
+    return entry, parts
+
+
+def plain_entry(t: torch.Tensor, kind: str, reason: Optional[str] = None, rule: Optional[str] = None) -> dict:
+    entry = {"kind": kind, "shape": list(t.shape), "dtype": dtype_name(t.dtype),
+             "stored_bytes": t.numel() * t.element_size(), "data_crc32c": data_crc([t])}
+    if reason:
+        entry["reason"] = reason
+    if rule:
+        entry["rule"] = rule
+    return entry
+
+
+# ---- reading -------------------------------------------------------------------------------
+
+
+def read_manifest(path: os.PathLike) -> dict:
+    """The manifest of a folder, every field validated (eoq.format.validate) and its own checksum
+    checked; entries' checksums are checked against the bytes by eoq.format.folder."""
+    from .validate import validate_manifest
+
+    folder = pathlib.Path(path)
+    file = folder / MANIFEST
+    if not file.is_file():
+        raise FormatError(f"{folder}: no {MANIFEST}; not an eoq-quantized folder")
+    try:
+        size = file.stat().st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise FormatError(f"{file}: {size} bytes, more than any manifest ({MAX_MANIFEST_BYTES}); refusing to parse")
+        manifest = json.loads(file.read_bytes())
+    except (OSError, ValueError, RecursionError) as e:
+        if isinstance(e, FormatError):
+            raise
+        raise FormatError(f"{file}: unreadable or not JSON ({type(e).__name__}: {e})") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise FormatError(f"{file}: not an eoq manifest (format {manifest.get('format') if isinstance(manifest, dict) else None!r})")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise FormatError(f"{file}: format version {manifest.get('format_version')!r} is not supported by this eoq "
+                          f"(it reads version {FORMAT_VERSION}); convert the model again with this eoq, or use "
+                          "the eoq that wrote it")
+    validate_manifest(manifest, str(file))
+    got = manifest_checksum(manifest, str(file))
+    if got != manifest["checksum"]:
+        raise FormatError(f"{file}: manifest checksum mismatch (its entries give {got}, it says "
+                          f"{manifest['checksum']}): an entry was added, removed or changed")
+    return manifest
+
+
+def stored_keys(name: str, entry: dict) -> dict[str, str]:
+    """{part: safetensors key} of a stored entry ("tensor" for an unquantized one)."""
+    if is_quantized(entry):
+        return {p: f"{name}.{p}" for p in entry["parts"]}
+    return {"tensor": name}
+
+
+def verify(name: str, entry: dict, parts: dict[str, torch.Tensor]) -> None:
+    """Every part the manifest lists is there with its dtype and shape, the side tensors are
+    finite, and the checksum (bytes and recipe) holds."""
+    keys = stored_keys(name, entry)
+    missing = sorted(set(keys) - set(parts))
+    if missing:
+        raise FormatError(f"{name}: stored parts {missing} are missing")
+    specs = entry["parts"] if is_quantized(entry) else {"tensor": entry}
+    for part in keys:
+        t, spec = parts[part], specs[part]
+        if dtype_name(t.dtype) != spec["dtype"] or list(t.shape) != list(spec["shape"]):
+            raise FormatError(f"{name}.{part}: stored as {dtype_name(t.dtype)} {list(t.shape)}, the manifest says "
+                              f"{spec['dtype']} {spec['shape']}")
+    order = part_order(keys) if is_quantized(entry) else ["tensor"]
+    got = entry_checksum(name, entry, data_crc([parts[p] for p in order]))
+    if got != entry["checksum"]:
+        raise FormatError(f"{name}: checksum mismatch (the stored bytes and recipe give {got}, the manifest says "
+                          f"{entry['checksum']}); the file or the manifest is damaged")
+    if is_quantized(entry):
+        check_side(name, entry, parts)
+
+
+def decode_codes(name: str, entry: dict, stream: torch.Tensor) -> torch.Tensor:
+    shape = [int(s) for s in entry["code_shape"]]
+    n = math.prod(shape)
+    try:
+        if entry["codec"] == "rans":
+            codes = ops.rans_decode(stream, expected=n)  # the count is checked before anything is allocated
+        elif entry["codec"] == "packed":
+            codes = ops.unpack_bits(stream, int(entry["code_bits"]), n)
+        else:
+            raise FormatError(f"{name}: unknown codec {entry['codec']!r}")
+    except CorruptStreamError as e:
+        raise FormatError(f"{name}.codes: corrupt code stream ({e})") from e
+    except ValueError as e:
+        if isinstance(e, FormatError):
+            raise
+        raise FormatError(f"{name}.codes: {e}") from e
+    return codes.view(shape)
+
+
+def to_quantized_tensor(name: str, entry: dict, parts: dict[str, torch.Tensor]) -> QuantizedTensor:
+    codes = decode_codes(name, entry, parts["codes"])
+    side = {k: v for k, v in parts.items() if k != "codes"}
+    return QuantizedTensor(entry["method"], entry["bits"], tuple(entry["qshape"]),
+                           dtype_from_name(entry["dtype"], name), entry["block_size"], int(entry["seed"]), codes,
+                           int(entry["code_bits"]), side, dict(entry["meta"]), name)
+
+
+def dequantize_entry(name: str, entry: dict, parts: dict[str, torch.Tensor],
+                     dtype: Optional[torch.dtype] = None, verified: bool = False) -> torch.Tensor:
+    """Decode one stored parameter (any kind but tied) into its tensor. The entry must come
+    from read_manifest (validated); its parts are verified here unless the caller already did
+    (``verified``: eoq.format.folder checks every checksum of a folder before anything is decoded)."""
+    if not verified:
+        verify(name, entry, parts)
+    if not is_quantized(entry):
+        t = parts["tensor"]
+        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    try:
+        from .fused import dequantize_fused  # one C++ pass for ecsq, bit-identical to the reference below
+
+        w = dequantize_fused(name, entry, parts, dtype)
+        if w is not None:
+            return w
+        w = to_quantized_tensor(name, entry, parts).dequantize(dtype)
+    except CorruptStreamError as e:
+        raise FormatError(f"{name}.codes: corrupt code stream ({e})") from e
+    except FormatError:
+        raise
+    except (ValueError, KeyError, RuntimeError, IndexError) as e:
+        raise FormatError(f"{name}: cannot dequantize ({type(e).__name__}: {e})") from e
+    return w.t().contiguous() if entry.get("transposed") else w
+
+
+def weight_files(folder: os.PathLike) -> dict[str, str]:
+    """tensor name -> safetensors file of a folder (eoq.format.folder.weight_files: names confined)."""
+    from .folder import weight_files as files
+
+    return files(folder)
