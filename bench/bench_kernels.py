@@ -43,7 +43,8 @@ import numpy as np
 import torch
 
 from eoq import ops
-from eoq.demo import rotate
+from eoq.methods.rotation import choose_block
+from eoq.methods.rotation import rotate as _rotate
 from eoq.format.gguf_weights import linear_weights
 from eoq.methods.quantized import code_entropy_bits
 from eoq.testing.models import smollm2_gguf
@@ -140,6 +141,12 @@ def cpu_name() -> str:
         return f"{name} ({os.cpu_count()} cores{', ' + flags if flags else ''})"
     except OSError:
         return platform.processor() or "unknown"
+
+
+def rotate(w: torch.Tensor, seed: int) -> torch.Tensor:
+    """ecsq's seeded random-sign Hadamard of the rows (blocks of up to 256, zero-padded)."""
+    block, padded = choose_block(w.shape[1], 256)
+    return _rotate(w, block, padded, seed)
 
 
 def load_symbols(path, limit, seed):

@@ -47,14 +47,15 @@ _check_torch_version()
 from . import _C  # noqa: E402
 from . import ops
 from .errors import CorruptStreamError
-from .methods.quantized import QuantizedTensor, quantize_tensor
+from .methods.quantized import QuantizedTensor
+from .methods.quantize import quantize_tensor
 from .convert.quant_config import ProtectRule, QuantConfig, parse_size
 from .errors import FormatError
 from .convert.pipeline import calibrate_model, quantize_model, summary_table
 from .load.loader import load_quantized, read_state_dict
 from .load.hf_quantizer import register as _register
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402
 __all__ = ["ops", "CorruptStreamError", "FormatError", "QuantizedTensor", "quantize_tensor", "QuantConfig",
            "ProtectRule", "parse_size", "calibrate_model", "quantize_model", "summary_table", "load_quantized", "read_state_dict", "__version__"]
 

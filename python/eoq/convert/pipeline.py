@@ -68,7 +68,7 @@ from ..format import repo
 from .executor import LocalExecutor, make_executor
 from .quant_config import QuantConfig
 from ..calibrate.sensitivity import Sensitivity
-from ..methods.quantized import quantize_tensor
+from ..methods.quantize import quantize_tensor
 from ..format.sources import Source, open_source, resolve
 
 FAULT_ENV = "EOQ_FAULT_AFTER_TENSORS"  # tests: die (os._exit) after this many new part files
@@ -775,7 +775,7 @@ def write_config(dest: pathlib.Path, source: Source, config: QuantConfig, entrie
 
 
 def _version() -> str:
-    from .. import __version__
+    from .._version import __version__
     return __version__
 
 

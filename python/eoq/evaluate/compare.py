@@ -285,7 +285,7 @@ def evaluate(model_or_path, text: str, base=None, protocol: str = "llama.cpp", n
 
     import transformers
 
-    from .. import __version__
+    from .._version import __version__
 
     device = resolve_device(device)
     model, tok, desc = load_model(model_or_path, dtype, device)

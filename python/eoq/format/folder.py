@@ -30,12 +30,6 @@ from ..errors import FormatError
 from ..standalone import load_quantized as _reader
 
 
-def weight_files(folder: os.PathLike) -> dict[str, str]:
-    """tensor name -> safetensors file, from the shard index or the single file; index entries
-    must be plain file names present in the folder."""
-    return _reader.weight_files(os.fspath(folder))
-
-
 class Folder(_reader._Folder):
     """An eoq folder's manifest and stored tensors, cross-checked (module docstring)."""
 

@@ -21,6 +21,7 @@ from .. import ops
 from ..errors import CorruptStreamError, FormatError
 from ..methods.quantized import QuantizedTensor, code_entropy_bits
 from ..standalone.load_quantized import check_side  # noqa: F401  (one implementation for both readers)
+from ..standalone import load_quantized as _reader
 
 FORMAT = "eoq"
 FORMAT_VERSION = 2
@@ -275,7 +276,6 @@ def dequantize_entry(name: str, entry: dict, parts: dict[str, torch.Tensor],
 
 
 def weight_files(folder: os.PathLike) -> dict[str, str]:
-    """tensor name -> safetensors file of a folder (eoq.format.folder.weight_files: names confined)."""
-    from .folder import weight_files as files
-
-    return files(folder)
+    """tensor name -> safetensors file, from the shard index or the single file; index entries
+    must be plain file names present in the folder (the stand-alone loader's check)."""
+    return _reader.weight_files(os.fspath(folder))

@@ -15,6 +15,9 @@ from . import ecsq
 from . import polar
 from . import turbo
 
+from .quantized import DEQUANTIZERS
+
 METHODS = {"absmax": absmax, "polar": polar, "turbo": turbo, "ecsq": ecsq}
+DEQUANTIZERS.update({name: module.dequantize for name, module in METHODS.items()})
 
 __all__ = ["METHODS"]

@@ -25,8 +25,7 @@ bfloat16 number nearest to ``w`` is stored).
 Per-tensor seeds are derived from the global seed and the GGUF tensor name (SHA-256), and
 the dither is drawn with a CPU ``torch.Generator``, so two builds give byte-identical files.
 
-CLI: ``python -m eoq.testing.dithered [--seed N] [--cache DIR]`` prints the folder (building it on
-first use).
+``python -m eoq.testing.models`` builds it (with the other test models) from the command line.
 """
 
 from __future__ import annotations
@@ -276,21 +275,5 @@ def _check_saved(folder: pathlib.Path) -> None:
         raise DitherError(f"save_pretrained wrote no model.safetensors into {folder}")
 
 
-def _main(argv=None) -> int:
-    import argparse
-
-    from .models import smollm2_dithered
-
-    ap = argparse.ArgumentParser(prog="python -m eoq.testing.dithered", description=__doc__.split("\n")[0])
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--cache", default=None, help="cache directory (default: $EOQ_CACHE or ~/.cache/eoq)")
-    args = ap.parse_args(argv)
-    print(smollm2_dithered(args.cache, seed=args.seed))
-    return 0
-
-
 __all__ = ["build_dithered", "block_steps", "dequantized", "hf_name", "hf_row_permutation",
            "rotary_row_permutation", "tensor_seed", "dither_to_bf16", "DitherError"]
-
-if __name__ == "__main__":
-    raise SystemExit(_main())

@@ -200,10 +200,25 @@ def minilm(cache_dir: Optional[Union[str, os.PathLike]] = None) -> pathlib.Path:
     return dest
 
 
-def fetch_all(cache_dir: Optional[Union[str, os.PathLike]] = None) -> list[pathlib.Path]:
+def fetch_all(cache_dir: Optional[Union[str, os.PathLike]] = None, seed: int = 0) -> list[pathlib.Path]:
     """Fetch (and build) every test model; returns their paths. ``make model`` calls this."""
-    return [smollm2_gguf(cache_dir), smollm2_dithered(cache_dir), minilm(cache_dir)]
+    return [smollm2_gguf(cache_dir), smollm2_dithered(cache_dir, seed=seed), minilm(cache_dir)]
+
+
+def _main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m eoq.testing.models", description="Fetch and build the test models; "
+                                 "prints their paths.")
+    ap.add_argument("--seed", type=int, default=0, help="the dithered copy's seed")
+    ap.add_argument("--cache", default=None, help="cache directory (default: $EOQ_CACHE or ~/.cache/eoq)")
+    args = ap.parse_args(argv)
+    print(*fetch_all(args.cache, seed=args.seed), sep="\n")
+    return 0
 
 
 __all__ = ["smollm2_gguf", "smollm2_dithered", "minilm", "fetch_all", "resolve_cache_dir",
            "ModelFetchError", "SMOLLM2_GGUF", "SMOLLM2_DITHERED", "MINILM_DIR"]
+
+if __name__ == "__main__":
+    raise SystemExit(_main())
