@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     from eoq.calibrate import statistics as cal
     from eoq.calibrate import sensitivity as sens_mod
     from eoq.testing import models as testmodels
-    from eoq.convert.pipeline import tensor_seed
+    from eoq.convert.plan import tensor_seed
 
     folder = testmodels.smollm2_dithered() if a.model == "dithered" else pathlib.Path(a.model)
     cdir = pathlib.Path(a.calib_dir)
@@ -161,7 +161,7 @@ def held_out(a, source, stats) -> list[dict]:
     from eoq.calibrate import statistics as cal
     from eoq.methods import feedback
     from eoq.calibrate.blockwise import BlockRunner
-    from eoq.convert.pipeline import tensor_seed
+    from eoq.convert.plan import tensor_seed
 
     pick = re.compile(a.eval_tensors)
     names = [n.removesuffix(".weight") for n in source.names if pick.search(n) and n.removesuffix(".weight") in stats]

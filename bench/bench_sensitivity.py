@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     from eoq.convert import allocate
     from eoq.calibrate import statistics as cal
     from eoq.calibrate import sensitivity as sens
-    from eoq.convert.pipeline import importance_for, row_importance_for, tensor_seed
+    from eoq.convert.plan import importance_for, row_importance_for, tensor_seed
     from eoq.format.sources import open_source
     from eoq.testing import models as testmodels
 

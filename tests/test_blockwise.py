@@ -151,7 +151,7 @@ def test_calibration_holds_one_vocabulary_matrix_at_a_time(tmp_path, monkeypatch
     # while either is. Each read is a pass that needs it: the embedding in the two captures
     # and the Fisher pass's embedding step, the head in the two tails.
     import eoq
-    from eoq.convert import pipeline as convert
+    from eoq.convert import calibration as convert
     from tinymodels import tokenizer
 
     folder = tokenizer(save("llama", tmp_path / "m"))
@@ -187,7 +187,7 @@ def test_calibration_holds_one_vocabulary_matrix_at_a_time(tmp_path, monkeypatch
 
 def test_calibration_that_cannot_fit_is_refused_before_it_starts(tmp_path, monkeypatch):
     import eoq
-    from eoq.convert import pipeline as convert
+    from eoq.convert import calibration as convert
     from tinymodels import tokenizer
 
     folder = tokenizer(save("llama", tmp_path / "m"))

@@ -15,7 +15,8 @@ import torch
 import eoq
 from eoq.format import repo
 from eoq.calibrate.statistics import collect_stats
-from eoq.convert.pipeline import FAULT_ENV, tensor_seed
+from eoq.convert.pipeline import FAULT_ENV
+from eoq.convert.plan import tensor_seed
 
 from tinymodels import ARCHS, build, save, with_outliers
 

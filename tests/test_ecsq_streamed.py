@@ -8,7 +8,7 @@ import torch
 
 from eoq.convert import allocate
 from eoq import quantize_tensor
-from eoq.methods import ecsq
+from eoq.methods import ecsq, ecsq_search
 from eoq.methods.quantized import check_weight
 
 
@@ -49,7 +49,7 @@ def test_streamed_is_the_whole_path_bit_for_bit(monkeypatch, case):
     if case == "step":
         kw["step"] = 0.05
     if case == "bracketed":  # the step search's sample-first path
-        monkeypatch.setattr(ecsq, "SEARCH_SAMPLE", 8192)
+        monkeypatch.setattr(ecsq_search, "SEARCH_SAMPLE", 8192)
     whole, streamed = both(monkeypatch, lambda: quantize_tensor(w, "ecsq", bits, seed=3, name="t", **kw))
     same(whole, streamed)
     if case == "high-rate":

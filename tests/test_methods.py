@@ -344,16 +344,16 @@ def test_ecsq_step_search_from_a_sample_meets_the_rate_as_the_full_search(monkey
     """Large tensors start the step search from a sample of rows (_solve_bracketed): the rate
     is met from below as closely as the full search meets it, also when the answer lies outside
     the sample's bracket (either side)."""
-    from eoq.methods import ecsq
+    from eoq.methods import ecsq, ecsq_search
 
     g = torch.Generator().manual_seed(8)
     w = torch.randn(512, 512, generator=g) * torch.rand(512, 1, generator=g).add(0.3)
     full = ecsq.quantize(w, bits, seed=2, recon=False)
-    monkeypatch.setattr(ecsq, "SEARCH_SAMPLE", 512 * 16)
-    monkeypatch.setattr(ecsq, "SEARCH_BRACKET", bracket)
+    monkeypatch.setattr(ecsq_search, "SEARCH_SAMPLE", 512 * 16)
+    monkeypatch.setattr(ecsq_search, "SEARCH_BRACKET", bracket)
     calls = []
-    real = ecsq._solve
-    monkeypatch.setattr(ecsq, "_solve", lambda *a, **k: calls.append(a[1:3]) or real(*a, **k))
+    real = ecsq_search._solve
+    monkeypatch.setattr(ecsq_search, "_solve", lambda *a, **k: calls.append(a[1:3]) or real(*a, **k))
     sampled = ecsq.quantize(w, bits, seed=2, recon=False)
     assert len(calls) >= 2  # the sample's search, then the whole tensor's
     assert sampled.meta["rate_limited"] is full.meta["rate_limited"] is False

@@ -16,7 +16,9 @@ import torch
 
 import eoq
 from eoq.format import repo
-from eoq.convert.pipeline import CARRY_WAVE, FAULT_ENV, TensorJob, wave_bits, waves
+from eoq.convert.jobs import TensorJob
+from eoq.convert.pipeline import FAULT_ENV
+from eoq.convert.rates import CARRY_WAVE, wave_bits, waves
 from eoq.convert.executor import LocalExecutor, RayExecutor, make_executor
 
 from tinymodels import save, tokenizer

@@ -38,7 +38,7 @@ def test_self_calibration_of_a_folder_runs_block_by_block(tmp_path, monkeypatch)
     # block, and measures what the whole path measures on the same text (the statistics up to
     # float summation order: the whole path records them token by token while generating).
     import eoq
-    from eoq.convert import pipeline as convert
+    from eoq.convert import calibration as convert
 
     folder = tokenizer(save("llama", tmp_path / "m"))
     config = eoq.QuantConfig(calib_sequences=3, calib_self_len=10, sensitivity_sequences=2)

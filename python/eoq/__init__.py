@@ -51,7 +51,7 @@ from .methods.quantized import QuantizedTensor
 from .methods.quantize import quantize_tensor
 from .convert.quant_config import ProtectRule, QuantConfig, parse_size
 from .errors import FormatError
-from .convert.pipeline import calibrate_model, quantize_model, summary_table
+from .convert import calibrate_model, quantize_model, summary_table
 from .load.loader import load_quantized, read_state_dict
 from .load.hf_quantizer import register as _register
 

@@ -128,18 +128,28 @@ def run_quantize(a) -> int:
     config = config_from_args(a)
     if a.ray_address and a.executor != "ray":
         raise ValueError("--ray-address needs --executor ray")
-    quantize_model(a.model, a.output, config, gguf_file=a.gguf_file, overwrite=a.overwrite,
-                   progress=not a.no_progress, executor=a.executor, ray_address=a.ray_address)
-    print(f"wrote {a.output}")
+    manifest = quantize_model(a.model, a.output, config, gguf_file=a.gguf_file, overwrite=a.overwrite,
+                              progress=not a.no_progress, executor=a.executor, ray_address=a.ray_address)
+    from .convert.summary import summary_table
+
+    print(f"{summary_table(manifest)}\nwrote {a.output}")
     return 0
 
 
 def info_parser(sub) -> None:
     p = sub.add_parser("info", help="the size table of an eoq folder")
     p.add_argument("folder")
-    p.add_argument("--top", type=int, default=10, help="list the N largest quantized tensors")
-    p.set_defaults(func=lambda a: print(__import__("eoq").summary_table(
-        __import__("eoq").repo.read_manifest(a.folder), a.top)) or 0)
+    p.add_argument("--top", type=int, default=5, help="list the N largest quantized tensors (default 5)")
+    p.add_argument("--all", action="store_true", help="one row per tensor instead of one per kind and method")
+    p.set_defaults(func=run_info)
+
+
+def run_info(a) -> int:
+    from .convert.summary import summary_table
+    from .format.repo import read_manifest
+
+    print(summary_table(read_manifest(a.folder), a.top, per_tensor=a.all))
+    return 0
 
 
 def eval_parser(sub) -> None:

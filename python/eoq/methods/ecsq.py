@@ -88,19 +88,18 @@ from typing import Optional
 import torch
 
 from .. import ops
-from .quantized import QuantizedTensor, block_sums, code_entropy_bits, counts_entropy_bits, evenly_spaced_rows, exact_sum, weighted_error, weighted_error_blocks
+from . import ecsq_search as search
+from .ecsq_codes import (LEVELS, coded_bits, counts_coded_bits, low_bits_for, merge_histograms,  # noqa: F401
+                         split_bytes, split_codes, stored_code_bytes, stream_overhead_bits)
+from .quantized import QuantizedTensor, block_sums, exact_sum, weighted_error, weighted_error_blocks
 from . import rotation
 
 DEFAULT_BLOCK = 512
+GOLDEN = (math.sqrt(5) - 1) / 2  # golden-section search of a row group's step (Problem.best_step)
 RATE_TARGET = True  # `bits` is a coded rate that side data counts against
 COL_SCALE = True    # quantize() takes col_scale= (AWQ's scales applied as the rows are read)
-GOLDEN = (math.sqrt(5) - 1) / 2
-SEARCH_ITERS = 48
-SEARCH_SAMPLE = 1 << 20  # values the step search first runs on (_solve_bracketed): ~0.01-bit estimates
-SEARCH_BRACKET = 0.03    # log2 of the bracket's half-width around the sample's step (~3x its error)
 ROW_PRIOR = 1.0      # an unseen row weighs like a token seen once (additive smoothing)
 ROW_RANGE = 16.0     # row weights clipped to [gm / 16, gm * 16]: step multipliers within 4x either way
-LEVELS = 1 << 16     # q spans fewer values than this: hi a byte, lo at most 8 bits (ops.pack_bits)
 MAX_BITS = 12.0      # the largest target rate: Gaussian rows need ~2^(bits-2) * 9 < LEVELS levels
 RECON_MAX = 4        # fitted reconstruction levels |q| = 1..4: where cells are wide against the density
 RECON_GAIN = 0.005   # kept only if they remove >= 0.5 % of the error (32 bits each are then well spent)
@@ -114,84 +113,10 @@ RECON_RATE = 4.0     # fitted only up to this target rate: above it they never r
 CHUNK_VALUES = 1 << 24
 
 
-def stream_overhead_bits(n: int, alphabet: int) -> int:
-    """Bytes an EOQR stream adds to n * H (docs/FORMAT.md): header, table, index, states."""
-    chunks = max(1, -(-n // (1 << 18)))
-    return 8 * (30 + 2 * alphabet + 4 + chunks * (8 + 128))
-
-
-def low_bits_for(span: int) -> int:
-    """k: the fewest low bits that leave (span - 1) >> k < 256 (span = the number of levels)."""
-    k = 0
-    while (span - 1) >> k > 255:
-        k += 1
-    return k
-
-
-def split_codes(q: torch.Tensor) -> tuple[int, int, torch.Tensor, torch.Tensor]:
-    """(offset, k, hi, lo) of integer-valued codes q: q = offset + (hi << k | lo), hi and lo uint8."""
-    lo_, hi_ = (int(v) for v in torch.aminmax(q))
-    offset = lo_
-    if hi_ - lo_ < 256:  # the common case: the levels are the byte codes themselves
-        return offset, 0, (q - offset).to(torch.uint8), torch.zeros(0, dtype=torch.uint8)
-    if hi_ - lo_ >= LEVELS:  # the step floor makes this impossible; never wrap silently
-        raise AssertionError(f"ecsq codes span {hi_ - lo_ + 1} values")
-    c = (q - offset).to(torch.int32)
-    k = low_bits_for(hi_ - lo_ + 1)
-    hi = (c >> k).to(torch.uint8)
-    lo = (c & ((1 << k) - 1)).to(torch.uint8)
-    return offset, k, hi, lo
-
-
-def coded_bits(q: torch.Tensor) -> float:
-    """The estimated stored size of integer codes q in bits: n * H(hi) + the raw low bits
-    (whole bytes) + the stream's overhead (what the rANS coder reaches within ~0.1 %)."""
-    _, k, hi, _ = split_codes(q)
-    n = q.numel()
-    return code_entropy_bits(hi) * n + 8 * (-(-n * k // 8)) + stream_overhead_bits(n, int(hi.max()) + 1)
-
-
-def counts_coded_bits(counts: torch.Tensor, n: Optional[int] = None) -> float:
-    """coded_bits of the codes a histogram counts (int64, one bin per level, consecutive
-    levels; empty bins at either end allowed): the same number, without the codes. With
-    ``n``: the estimate for n codes distributed as the counted ones (counts from a sample)."""
-    live = torch.nonzero(counts).reshape(-1)
-    if not live.numel():
-        return 0.0
-    counts = counts[int(live[0]):int(live[-1]) + 1]
-    n, span = int(counts.sum()) if n is None else int(n), counts.numel()
-    k = low_bits_for(span)
-    if k:  # hi = level >> k: 2^k neighbouring levels share a symbol
-        counts = torch.nn.functional.pad(counts, (0, -span % (1 << k))).reshape(-1, 1 << k).sum(1)
-    return counts_entropy_bits(counts) * n + 8 * (-(-n * k // 8)) + stream_overhead_bits(n, counts.numel())
-
-
-def stored_code_bytes(q: torch.Tensor) -> int:
-    """The exact bytes the codes of q take: the rANS stream of hi and the packed low bits."""
-    return split_bytes(split_codes(q))
-
-
-def split_bytes(split: tuple[int, int, torch.Tensor, torch.Tensor]) -> int:
-    """The exact bytes of split codes (split_codes' (offset, k, hi, lo)) as stored."""
-    _, k, hi, _ = split
-    return int(ops.rans_encode(hi.reshape(-1).contiguous()).numel()) + -(-hi.numel() * k // 8)
-
-
 def streams(numel: int, hessian=None, lam=None, group_rows=None, **_) -> bool:
     """Whether quantize() takes a weight of numel values chunk by chunk (Problem's ``stream``),
     so that the caller can hand it over in its own dtype (bf16: half the float32 copy)."""
     return numel > 2 * CHUNK_VALUES and hessian is None and lam is None and not group_rows
-
-
-def merge_histograms(hists: list[tuple[int, torch.Tensor]]) -> tuple[int, torch.Tensor]:
-    """(qmin, counts) of several (qmin, counts) histograms added up (one is returned as it is)."""
-    if len(hists) == 1:
-        return hists[0]
-    lo = min(q for q, _ in hists)
-    out = torch.zeros(max(q + h.numel() for q, h in hists) - lo, dtype=torch.int64)
-    for q, h in hists:
-        out[q - lo:q - lo + h.numel()] += h
-    return lo, out
 
 
 def row_multipliers(row_importance: torch.Tensor, row_tokens: Optional[float] = None) -> torch.Tensor:
@@ -453,99 +378,6 @@ class Problem:
         return math.exp((a + b) / 2)
 
 
-def _solve(f, lo, hi, tol, fa=None, fb=None):
-    """The x in [lo, hi] where decreasing f crosses 0, searched on log(x) by regula falsi
-    with the Illinois fix (rate is close to linear in log(step), so a few evaluations
-    suffice); stops when |f| <= tol. f(lo) <= 0 or f(hi) >= 0 returns that end. ``fa``,
-    ``fb``: f(lo), f(hi) when the caller has them."""
-    a, b = math.log(lo), math.log(hi)
-    fa = f(lo) if fa is None else fa
-    fb = f(hi) if fb is None else fb
-    if fa <= 0:
-        return lo
-    if fb >= 0:
-        return hi
-    side = 0
-    for _ in range(SEARCH_ITERS):
-        m = b - fb * (b - a) / (fb - fa)
-        fm = f(math.exp(m))
-        if abs(fm) <= tol:
-            return math.exp(m)
-        if fm > 0:
-            a, fa = m, fm
-            if side == +1:
-                fb /= 2
-            side = +1
-        else:
-            b, fb = m, fm
-            if side == -1:
-                fa /= 2
-            side = -1
-    return math.exp(b)
-
-
-def _solve_single(p: Problem, numel: int, target: float) -> float:
-    """The one step that meets the target. With feedback the plain-rounding step comes first
-    (cheap) and brackets the search: feedback widens the codes, so its step is larger."""
-    u, p.u = p.u, None
-    s = _solve_bracketed(lambda s: p.total_bits([s], numel) - target, p, target)
-    p.u = u
-    if u is None:
-        return s
-    hi = min(p.hi, 2 * s)
-    if p.total_bits([hi], numel) > target:
-        hi = p.hi
-    return _solve(lambda s: p.total_bits([s], numel) - target, s, hi, tol=1e-4 * target)
-
-
-def _solve_bracketed(f, p: Problem, target: float) -> float:
-    """_solve over [p.lo, p.hi], started from a narrow bracket around the step that meets the
-    target on a sample of the rows (SEARCH_SAMPLE values, the rate scaled to the whole tensor):
-    on a large tensor each evaluation is a pass over every weight, and the sample's step is
-    within a few hundredths of a bit of the answer, so the whole tensor is measured ~3 times
-    instead of ~7. A bracket the answer lies outside of falls back to the side it lies on."""
-    tol = 1e-4 * target
-    rows = p.rows
-    if rows * p.padded <= 4 * SEARCH_SAMPLE or rows < 8 or len(p.groups) != 1:
-        return _solve(f, p.lo, p.hi, tol)
-    xs = p.x_rows(evenly_spaced_rows(rows, SEARCH_SAMPLE // p.padded)).contiguous()
-    full = (rows * p.padded, p.stored_steps)
-
-    def f_sample(step):
-        return counts_coded_bits(ops.code_histogram(xs, step, p.range, row_error=False).hist, full[0]) \
-            + 32 * full[1] - target
-
-    guess = _solve(f_sample, p.lo, p.hi, tol)
-    lo, hi = max(p.lo, guess * 2.0 ** -SEARCH_BRACKET), min(p.hi, guess * 2.0 ** SEARCH_BRACKET)
-    if not lo < hi:
-        return _solve(f, p.lo, p.hi, tol)
-    f_lo = f(lo)
-    if f_lo <= 0:  # the answer is a finer step than the bracket's
-        return _solve(f, p.lo, lo, tol, fb=f_lo)
-    f_hi = f(hi)
-    if f_hi >= 0:  # a coarser one
-        return _solve(f, hi, p.hi, tol, fa=f_hi)
-    return _solve(f, lo, hi, tol, fa=f_lo, fb=f_hi)
-
-
-def _meet_exactly(p: Problem, steps, target: float):
-    """Widen the steps until the real stream (not the entropy estimate) fits the target.
-    Returns (steps, their split codes).
-
-    The estimate misses the rANS coder's model error (frequencies at 2^-12 resolution),
-    a few thousandths of a bit. At high rate R ~ h - log2(step), so growing every step by
-    2^(excess / n) removes about `excess` bits.
-    """
-    for _ in range(8):
-        split = None  # (the last try's codes freed before the next: a byte a weight)
-        split = p.split(steps)
-        excess = 8 * split_bytes(split) + 32 * p.stored_steps - target
-        if excess <= 0:
-            return steps, split  # the codes of these steps: not computed again
-        steps = [s * 2.0 ** (excess / split[2].numel() + 1e-4) for s in steps]
-    return steps, None
-
-
 def fit_recon(p: Problem, split: tuple[int, int, torch.Tensor, torch.Tensor], steps) -> Optional[torch.Tensor]:
     """Fitted reconstruction points for levels 1..RECON_MAX (module docstring), or None when
     they would remove less than RECON_GAIN of the error. Measured in the rotated domain with
@@ -629,7 +461,7 @@ def quantize(w: torch.Tensor, bits, block_size=None, importance=None, seed=0, na
         if recon:  # room for the reconstruction points, should they be kept
             target -= 32 * RECON_MAX
         if len(p.groups) == 1:
-            s = _solve_single(p, numel, target)
+            s = search._solve_single(p, numel, target)
             steps = [s]
             # the search returns the floor exactly when even the finest step stays below the target
             meta["rate_limited"] = bool(s <= p.lo)
@@ -638,14 +470,14 @@ def quantize(w: torch.Tensor, bits, block_size=None, importance=None, seed=0, na
                 return [p.best_step(sl, lam_) for sl in p.groups]
 
             scale = exact_sum(p.x.double().pow(2)) / p.x.numel() + 1e-30  # distortion per weight at zero rate
-            lam_ = _solve(lambda l: p.total_bits(steps_for(l), numel) - target, scale * 1e-9, scale * 10,
+            lam_ = search._solve(lambda l: p.total_bits(steps_for(l), numel) - target, scale * 1e-9, scale * 10,
                           tol=1e-3 * target)
             steps = steps_for(lam_)
             meta["lam"] = lam_
             meta["rate_limited"] = bool(p.total_bits([p.lo] * len(p.groups), numel) < target)
         if p.m is not None:
             meta["row_importance"] = True
-        steps, split = _meet_exactly(p, steps, target)
+        steps, split = search._meet_exactly(p, steps, target)
 
     split = p.split(steps) if split is None else split
     offset, k, codes, lo = split
