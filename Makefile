@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 DEPS := $(VENV)/.deps-stamp
 SOURCES := $(shell find cpp python/eoq -name "*.cpp" -o -name "*.h" -o -name "*.py") CMakeLists.txt pyproject.toml
 
-.PHONY: demo test install model bench asan clean
+.PHONY: demo test test-all install model bench asan clean
 
 $(DEPS): Makefile
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
@@ -40,8 +40,17 @@ model: install
 demo: model
 	$(PYTHON) -m eoq.demo
 
+# `make test`: the fast tier, every module covered (about 10 minutes on 2 cores); `make
+# test-all` adds the slow tier (tests/conftest.py SLOW: SmolLM2-size conversions,
+# kill-and-resume, the adversarial sweep, the Ray cluster, the short fuzz run, notebooks).
+# Both run on two pytest workers (pytest-xdist): much of the suite waits on subprocesses,
+# files and single-threaded Python.
+PYTEST_WORKERS ?= 2
 test: model
-	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -q -n $(PYTEST_WORKERS) -m "not slow" --durations=15 $(PYTEST_ARGS)
+
+test-all: model
+	$(PYTHON) -m pytest -q -n $(PYTEST_WORKERS) --durations=25 $(PYTEST_ARGS)
 
 bench: model
 	$(PYTHON) bench/bench_kernels.py

@@ -59,6 +59,7 @@ Traps:
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import os
 from typing import Callable, Optional
@@ -272,14 +273,18 @@ class BlockRunner:
             for name, module in self._loaded.items():
                 for n in self._own[name]:
                     set_module_tensor_to_device(module, n, "meta")
+            streamed = bool(self._stored or self._tables)
             self._loaded.clear()
             self._placeholders.clear()
             self._stored.clear()
             self._tables.clear()
             # A pass's graphs end in reference cycles (autograd nodes and their hooks) that can
             # hold a streamed matrix, a memory map whose touched pages (1 GiB for an 8 B model's
-            # head) would stay resident until the collector ran by chance.
-            gc.collect()
+            # head) would stay resident until the collector ran by chance. Only then: a full
+            # collection costs ~70 ms with transformers loaded, and sampling leaves this context
+            # twice a token (a tiny model's 128 tokens spent 19 s of 22 in it).
+            if streamed:
+                gc.collect()
 
     def _load(self, module: torch.nn.Module, prefix: str) -> None:
         """Read every parameter (and stored buffer) of block `module` from the files, in self.dtype."""
@@ -442,17 +447,24 @@ def release_freed_memory() -> None:
     A pass over a model frees many tensors of a few MiB, which glibc serves from its heap
     (below its dynamic mmap threshold, up to 32 MiB) and keeps after they are freed: what
     comes after calibration would otherwise start with that much resident for nothing."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.lru_cache(maxsize=None)
+def _malloc_trim():
+    """glibc's malloc_trim, or None; looked up once (find_library runs ldconfig: ~3 ms a call,
+    and the heap is trimmed after every block of every pass)."""
     import ctypes
     import ctypes.util
 
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name) if name else None
-        trim = getattr(libc, "malloc_trim", None)
+        return getattr(libc, "malloc_trim", None)
     except OSError:
-        trim = None
-    if trim is not None:
-        trim(0)
+        return None
 
 
 def calibration_memory(config, tokens: int, seq_len: int, fisher_tokens: int, covariance: bool,
