@@ -40,17 +40,14 @@ model: install
 demo: model
 	$(PYTHON) -m eoq.demo
 
-# `make test`: the fast tier, every module covered (about 10 minutes on 2 cores); `make
-# test-all` adds the slow tier (tests/conftest.py SLOW: SmolLM2-size conversions,
-# kill-and-resume, the adversarial sweep, the Ray cluster, the short fuzz run, notebooks).
-# Both run on two pytest workers (pytest-xdist): much of the suite waits on subprocesses,
-# files and single-threaded Python.
-PYTEST_WORKERS ?= 2
+# `make test`: the fast tier, every module covered; `make test-all` adds the slow tier
+# (tests/conftest.py SLOW: SmolLM2-size conversions, kill-and-resume, the adversarial sweep,
+# the Ray cluster, the short fuzz run, the quickstart notebook). Each prints its slowest tests.
 test: model
-	$(PYTHON) -m pytest -q -n $(PYTEST_WORKERS) -m "not slow" --durations=15 $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -q -m "not slow" --durations=15 $(PYTEST_ARGS)
 
 test-all: model
-	$(PYTHON) -m pytest -q -n $(PYTEST_WORKERS) --durations=25 $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -q --durations=25 $(PYTEST_ARGS)
 
 bench: model
 	$(PYTHON) bench/bench_kernels.py

@@ -60,6 +60,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from _report import write_json  # bench/ is on sys.path (the scripts run as files)
 
 DEFAULT_BITS = {"ecsq": 4.0, "absmax": 4.0, "polar": 4.0, "turbo": 4.0}
 GIB = 1 << 30
@@ -438,11 +439,7 @@ def main(argv=None) -> int:
     if args.keep:
         print(f"\nfolders kept under {res['workdir']}")
     if args.json:
-        d = os.path.dirname(args.json)
-        if d:
-            os.makedirs(d, exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+        write_json(args.json, res, indent=1)
         print(f"\nwrote {args.json}")
     return 0
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import time
 
 import torch
@@ -25,6 +24,7 @@ import eoq
 from eoq.calibrate import statistics as calibration
 from eoq.evaluate.embeddings import sentence_embeddings
 from eoq.testing.models import minilm
+from _report import write_json  # bench/ is on sys.path (the scripts run as files)
 
 
 def read_sentences(path: str, n: int) -> list[str]:
@@ -90,8 +90,7 @@ def main(argv=None):
         print(f"| {r['method']} | {r['bits']:g} | {'AWQ' if r['calibrated'] else 'no'} | {r['bpw']:.3f} | "
               f"{r['cos_mean']:.5f} | {r['cos_p1']:.5f} | {r['cos_min']:.5f} |")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "rows": rows}, f, indent=1)
+        write_json(args.json, {"args": vars(args), "rows": rows}, indent=1)
 
 
 if __name__ == "__main__":

@@ -27,12 +27,12 @@ sensitivities from the calibration text (``eoq.calibrate_model`` with feedback="
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import statistics
 import time
 
 import torch
+from _report import write_json  # bench/ is on sys.path (the scripts run as files)
 
 KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
             ap.error("--held-out-only needs --eval-text")
         report = {"model": str(folder), "held_out": held_out(a, source, stats)}
         if a.json:
-            pathlib.Path(a.json).write_text(json.dumps(report, indent=2))
+            write_json(a.json, report, indent=2)
         return 0
     lo, hi = (float(v) for v in a.range.split(","))
     bits = [float(b) for b in a.bits.split(",")]
@@ -149,7 +149,7 @@ def main(argv=None) -> int:
     if a.eval_text:
         report["held_out"] = held_out(a, source, stats)
     if a.json:
-        pathlib.Path(a.json).write_text(json.dumps(report, indent=2))
+        write_json(a.json, report, indent=2)
     return 0
 
 

@@ -32,7 +32,6 @@ import argparse
 import ctypes
 import ctypes.util
 import datetime
-import json
 import math
 import os
 import platform
@@ -48,6 +47,7 @@ from eoq.methods.rotation import rotate as _rotate
 from eoq.format.gguf_weights import linear_weights
 from eoq.methods.quantized import code_entropy_bits
 from eoq.testing.models import smollm2_gguf
+from _report import write_json  # bench/ is on sys.path (the scripts run as files)
 
 HTS_LIB_CANDIDATES = ("libhtscodecs.so.2", "/usr/lib/x86_64-linux-gnu/libhtscodecs.so.2", "libhtscodecs.so")
 RANS_ORDER_X32 = 0x04  # <htscodecs/rANS_static4x16.h>
@@ -319,11 +319,7 @@ def main(argv=None) -> int:
     print()
     print(format_tables(res))
     if args.json:
-        d = os.path.dirname(args.json)
-        if d:
-            os.makedirs(d, exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
+        write_json(args.json, res, indent=2)
         print(f"\nwrote {args.json}")
     return 0
 

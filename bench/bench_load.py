@@ -44,6 +44,7 @@ import sys
 import time
 
 import random_models
+from _report import write_json  # bench/ is on sys.path (the scripts run as files)
 
 MIB = 1 << 20
 CHILD_FLAG = "--_child"
@@ -320,11 +321,7 @@ def main(argv=None) -> int:
           f"{res['seconds']:.0f} s\n")
     print(format_table(res))
     if args.json:
-        d = os.path.dirname(args.json)
-        if d:
-            os.makedirs(d, exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+        write_json(args.json, res, indent=1)
         print(f"\nwrote {args.json}")
     return 0
 

@@ -39,6 +39,7 @@ import torch
 import eoq
 from eoq.calibrate import statistics as calibration
 from eoq.methods.quantized import weighted_error
+from _report import write_json  # bench/ is on sys.path (the scripts run as files)
 
 
 def load_model(spec: str):
@@ -208,8 +209,7 @@ def main(argv=None):
           f"{time.time() - t0:.0f} s\n")
     print_tables(rows, wins)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "rows": rows, "winners": wins}, f, indent=1)
+        write_json(args.json, {"args": vars(args), "rows": rows, "winners": wins}, indent=1)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ vocabulary row sums), each followed by os.sync.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import signal
@@ -30,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from _report import write_json  # bench/ is on sys.path (the scripts run as files)
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -187,7 +187,7 @@ def main(argv=None) -> int:
             print(f"| {r['kill']} | {r['killed_after_s']:.0f} | {r['kept']} | {r['resumed_s']:.0f} | "
                   f"{(r['killed_after_s'] + r['resumed_s']) / ref_s:.2f}× | {same} ({r['compared_files']} files) |")
     if a.json:
-        pathlib.Path(a.json).write_text(json.dumps(result, indent=1))
+        write_json(a.json, result, indent=1)
     return 0
 
 

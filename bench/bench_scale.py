@@ -101,6 +101,7 @@ import threading
 import time
 
 import random_models
+from _report import write_json  # bench/ is on sys.path (the scripts run as files)
 
 CHILD_FLAG = "--_child"
 CALIB_TEXT = "/work/shared/data/calibration/python-docs.txt"
@@ -556,7 +557,7 @@ def main(argv=None) -> int:
     if conv_rows:
         print_conversion_tables(conv_rows, a)
     if a.json:
-        pathlib.Path(a.json).write_text(json.dumps({"args": vars(a), "rows": rows + conv_rows}, indent=1))
+        write_json(a.json, {"args": vars(a), "rows": rows + conv_rows}, indent=1)
     return 0
 
 

@@ -26,13 +26,13 @@ tokens):
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import pathlib
 import random
 import time
 
 import torch
+from _report import write_json  # bench/ is on sys.path (the scripts run as files)
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -165,7 +165,7 @@ def main(argv=None) -> int:
         print(f"| {r['allocation']} | {r['bits']:.3f} | {r['predicted_kl']:.4g} | {r['measured_kl']:.4g} | "
               f"{r['measured_kl'] / r['predicted_kl']:.2f} |")
     if a.json:
-        pathlib.Path(a.json).write_text(json.dumps(report, indent=2))
+        write_json(a.json, report, indent=2)
     return 0
 
 

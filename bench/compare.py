@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import pathlib
 import shutil
 import sys
@@ -54,6 +53,7 @@ import time
 from typing import Optional
 
 import torch
+from _report import write_json  # bench/ is on sys.path (the scripts run as files)
 
 DEFAULT_LLAMA_TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_K_S", "IQ4_XS", "Q3_K_M", "IQ3_S", "Q2_K",
                        "Q5_1", "Q5_0", "Q4_1", "Q4_0", "IQ4_NL")
@@ -152,9 +152,8 @@ class Runner:
     def save(self):
         """Rewrite the JSON after every row: a long run that dies keeps what it measured."""
         if self.a.json:
-            pathlib.Path(self.a.json).write_text(json.dumps(
-                {"args": vars(self.a), "model": str(self.folder), "base_ppl": getattr(self, "base_ppl", None),
-                 "rows": self.rows}, indent=2, default=str))
+            write_json(self.a.json, {"args": vars(self.a), "model": str(self.folder),
+                                     "base_ppl": getattr(self, "base_ppl", None), "rows": self.rows}, indent=2)
 
     # ---- eoq ----------------------------------------------------------------------------
 
@@ -430,7 +429,7 @@ def main(argv=None) -> int:
     if a.from_json:
         run = merge([json.loads(pathlib.Path(f).read_text()) for f in a.from_json.split(",")])
         if a.json:
-            pathlib.Path(a.json).write_text(json.dumps({**run, "merged_from": a.from_json.split(",")}, indent=2))
+            write_json(a.json, {**run, "merged_from": a.from_json.split(",")}, indent=2)
         return report(run, a.plot)
     if not a.text or not a.calib:
         ap.error("--text and --calib are required")

@@ -5,11 +5,6 @@ import torch
 
 import eoq  # noqa: F401  (imports torch first, then the extension)
 
-# Two pytest workers share the two cores (make test: pytest-xdist): one torch thread each, or
-# OpenMP's spinning threads oversubscribe them. Tests of thread counts set their own.
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    torch.set_num_threads(1)
-
 
 @pytest.fixture
 def threads():

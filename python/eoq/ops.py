@@ -37,14 +37,20 @@ def _float(t, what: str) -> torch.Tensor:
     return t.detach().cpu().to(torch.float32).contiguous()
 
 
-def _int(v, what: str) -> int:
-    """An integer argument (Python or numpy int, never bool or float)."""
-    if isinstance(v, bool):
-        raise ValueError(f"{what} must be an int, got {v!r}")
+def _int(v, what: str, lo: Optional[int] = None, hi: Optional[int] = None) -> int:
+    """An integer argument (Python or numpy int, never bool or float), in [lo, hi] when they
+    are given: the one check for every integer a kernel or a stored entry hands over."""
+    ranged = lo is not None or hi is not None
     try:
-        return operator.index(v)
+        if isinstance(v, bool):
+            raise TypeError
+        n = operator.index(v)
     except TypeError:
-        raise ValueError(f"{what} must be an int, got {v!r}") from None
+        n = None
+    if n is None or (lo is not None and n < lo) or (hi is not None and n > hi):
+        raise ValueError(f"{what} must be an integer in [{lo}, {hi}], got {v!r}" if ranged else
+                         f"{what} must be an int, got {v!r}")
+    return n
 
 
 def _count(v, what: str) -> int:
@@ -99,9 +105,10 @@ def rans_decoder() -> str:
 
 
 def _crc_value(value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0xFFFFFFFF:
-        raise ValueError(f"value must be a previous CRC32C, an int in [0, 2^32), got {value!r}")
-    return value
+    try:
+        return _int(value, "value", 0, 0xFFFFFFFF)
+    except ValueError:
+        raise ValueError(f"value must be a previous CRC32C, an int in [0, 2^32), got {value!r}") from None
 
 
 def crc32c(data: torch.Tensor, value: int = 0) -> int:

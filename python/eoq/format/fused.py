@@ -35,9 +35,7 @@ FINITE_BOUND = 2.0 ** 126
 
 
 def _int(v, what: str, name: str, lo: int, hi: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-        raise ValueError(f"{name}: {what} must be an integer in [{lo}, {hi}], got {v!r}")
-    return v
+    return ops._int(v, f"{name}: {what}", lo, hi)
 
 
 def _shape2(v, what: str, name: str) -> tuple[int, int]:

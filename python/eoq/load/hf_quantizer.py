@@ -67,6 +67,7 @@ class EoqDequantize(ConversionOps):
 
     def convert(self, input_dict: dict, model=None, full_layer_name: Optional[str] = None, **kwargs):
         q = self.hf_quantizer
+        entry = None
         try:
             name, entry = q.entry_for(full_layer_name)
             parts = {}
@@ -80,7 +81,7 @@ class EoqDequantize(ConversionOps):
                 dtype = getattr(model.get_submodule(module_name), attr).dtype
             return {full_layer_name: repo.dequantize_entry(name, entry, parts, dtype, verified=q.verified)}
         except Exception as e:  # surfaced by param_needs_quantization (module docstring)
-            where = os.path.join(q.folder, entry["file"]) if "entry" in locals() else q.folder
+            where = os.path.join(q.folder, entry["file"]) if entry is not None else q.folder
             e = repo.FormatError(f"{where}: {e}" if isinstance(e, repo.FormatError) else
                                  f"{where}: {full_layer_name}: cannot load ({type(e).__name__}: {e})")
             q.pending_error = q.pending_error or e
