@@ -161,11 +161,12 @@ def child(spec: dict) -> dict:
         t1 = time.perf_counter()
         sens = sensitivity.fisher_pass(model, fisher_seqs, row_params=src.vocab)
     else:
+        from eoq.calibrate import fisher_blockwise
         from eoq.calibrate.blockwise import BlockRunner
 
         stats = calibration.collect_stats_blockwise(BlockRunner(src), seqs, progress=False)
         t1 = time.perf_counter()
-        sens = sensitivity.fisher_pass_blockwise(BlockRunner(src), fisher_seqs, row_params=src.vocab)
+        sens = fisher_blockwise.fisher_pass_blockwise(BlockRunner(src), fisher_seqs, row_params=src.vocab)
     t2 = time.perf_counter()
     p = peaks.stop()
     return {"stats_s": t1 - t0, "fisher_s": t2 - t1, "peak_rss": _status(("VmHWM",))["VmHWM"],

@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from eoq.calibrate import blockwise
+from eoq.calibrate import fisher_blockwise
 from eoq.calibrate import statistics as calibration
 from eoq.format import sources
 from tinymodels import save
@@ -89,7 +90,7 @@ def test_fisher_pass_equals_the_whole_models(tmp_path, arch):
         return load(i)
 
     runner.load_block = spy
-    blocks = sensitivity.fisher_pass_blockwise(runner, seqs, row_params=src.vocab, seed=3)
+    blocks = fisher_blockwise.fisher_pass_blockwise(runner, seqs, row_params=src.vocab, seed=3)
     assert [i for i, _ in loaded] == [0, 1, 1, 0] and all(live == [] for _, live in loaded)  # forward, backward
     assert blocks.tokens == whole.tokens
     assert blocks.fisher.keys() == whole.fisher.keys() and blocks.rows.keys() == whole.rows.keys()
@@ -131,7 +132,7 @@ def test_fisher_pass_with_streamed_vocabulary_matrices(tmp_path, monkeypatch, ar
         return real(ctx, g)
 
     monkeypatch.setattr(streamed_vocab._Head, "backward", staticmethod(spy))
-    blocks = sensitivity.fisher_pass_blockwise(runner, seqs, row_params=src.vocab, seed=3)
+    blocks = fisher_blockwise.fisher_pass_blockwise(runner, seqs, row_params=src.vocab, seed=3)
     assert chunks and max(chunks) == 7 and sum(chunks) == 3 * head.out_features  # 3 sequences
     embedding = runner.model.get_input_embeddings()
     assert next(n for n, m in runner.model.named_modules() if m is embedding) in runner.embeddings  # (gpt2: wpe too)
@@ -244,7 +245,6 @@ def test_fisher_pass_keeps_block_inputs_on_disk_and_releases_the_head(tmp_path, 
     import gc
     import weakref
 
-    from eoq.calibrate import sensitivity
     from eoq.calibrate import streamed_vocab
     from eoq.calibrate.stored_inputs import StoredInputs
 
@@ -275,7 +275,7 @@ def test_fisher_pass_keeps_block_inputs_on_disk_and_releases_the_head(tmp_path, 
     monkeypatch.setattr(runner, "load_block", load_block)
     gc.disable()  # the head must be released by the pass itself, not by a collection that happens to run
     try:
-        sens = sensitivity.fisher_pass_blockwise(runner, _seqs(n=2), row_params=src.vocab, seed=3)
+        sens = fisher_blockwise.fisher_pass_blockwise(runner, _seqs(n=2), row_params=src.vocab, seed=3)
     finally:
         gc.enable()
     assert sens.tokens == 80

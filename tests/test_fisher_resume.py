@@ -8,6 +8,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from eoq.calibrate import blockwise
+from eoq.calibrate import fisher_blockwise
 from eoq.calibrate import fisher_checkpoint
 from eoq.calibrate import sensitivity
 from eoq.format import sources
@@ -62,7 +63,7 @@ def _interrupted(src, where: str, ck, monkeypatch, seqs) -> None:
 
         monkeypatch.setattr(sensitivity, "_backward_sampled_loglik", once)
     with pytest.raises(Interrupted):
-        sensitivity.fisher_pass_blockwise(runner, seqs, row_params=src.vocab, seed=3, checkpoint=ck)
+        fisher_blockwise.fisher_pass_blockwise(runner, seqs, row_params=src.vocab, seed=3, checkpoint=ck)
     monkeypatch.undo()
 
 
@@ -79,7 +80,7 @@ def test_resumed_pass_goes_on_from_its_block_and_gives_the_same_sums(tmp_path, m
     seqs, ck = _seqs(), tmp_path / "fisher"
     with monkeypatch.context() as mp:
         streaming(mp)
-        ref = sensitivity.fisher_pass_blockwise(blockwise.BlockRunner(src), seqs, row_params=src.vocab, seed=3)
+        ref = fisher_blockwise.fisher_pass_blockwise(blockwise.BlockRunner(src), seqs, row_params=src.vocab, seed=3)
     streaming(monkeypatch)
     _interrupted(src, where, ck, monkeypatch, seqs)
     kept = sorted(p.name for p in (ck / "inputs").glob("block-*.pt"))
@@ -89,7 +90,7 @@ def test_resumed_pass_goes_on_from_its_block_and_gives_the_same_sums(tmp_path, m
     assert (ck / "state.safetensors").is_file() == (where == "backward")
     streaming(monkeypatch)
     loads = []
-    again = sensitivity.fisher_pass_blockwise(_runner(src, loads), seqs, row_params=src.vocab, seed=3, checkpoint=ck)
+    again = fisher_blockwise.fisher_pass_blockwise(_runner(src, loads), seqs, row_params=src.vocab, seed=3, checkpoint=ck)
     assert loads == {"forward": [1, 1, 0], "tail": [1, 0], "backward": [0]}[where]  # nothing done twice
     _same(again, ref)
     assert not ck.exists()
@@ -100,9 +101,9 @@ def test_a_state_of_other_sequences_is_not_used(tmp_path, monkeypatch):
     ck = tmp_path / "fisher"
     _interrupted(src, "backward", ck, monkeypatch, _seqs())
     other = _seqs(base=10)
-    ref = sensitivity.fisher_pass_blockwise(blockwise.BlockRunner(src), other, row_params=src.vocab, seed=3)
+    ref = fisher_blockwise.fisher_pass_blockwise(blockwise.BlockRunner(src), other, row_params=src.vocab, seed=3)
     loads = []
-    again = sensitivity.fisher_pass_blockwise(_runner(src, loads), other, row_params=src.vocab, seed=3,
+    again = fisher_blockwise.fisher_pass_blockwise(_runner(src, loads), other, row_params=src.vocab, seed=3,
                                               checkpoint=ck)
     assert loads == [0, 1, 1, 0]  # the whole pass
     _same(again, ref)
@@ -138,7 +139,7 @@ def test_a_damaged_state_is_refused_by_name(tmp_path, monkeypatch, damage):
     else:
         save_file(t, str(state), metadata=meta)
     with pytest.raises(ValueError, match=match):
-        sensitivity.fisher_pass_blockwise(blockwise.BlockRunner(src), seqs, row_params=src.vocab, seed=3,
+        fisher_blockwise.fisher_pass_blockwise(blockwise.BlockRunner(src), seqs, row_params=src.vocab, seed=3,
                                           checkpoint=ck)
 
 

@@ -1,5 +1,5 @@
 """Where the block-by-block Fisher pass stands, kept after each block so that an interrupted
-pass resumes at the block it was in (eoq.calibrate.sensitivity.fisher_pass_blockwise).
+pass resumes at the block it was in (eoq.calibrate.fisher_blockwise.fisher_pass_blockwise).
 
 Why: the Fisher pass is the longest stage of a calibrated conversion (23 minutes for an
 8 B model here); a conversion that dies in it should not start it over.

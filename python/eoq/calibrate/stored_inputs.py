@@ -1,5 +1,5 @@
 """Each decoder block's input hidden states, kept on disk between the Fisher pass's forward
-and backward sweeps (eoq.calibrate.sensitivity.fisher_pass_blockwise).
+and backward sweeps (eoq.calibrate.fisher_blockwise.fisher_pass_blockwise).
 
 Why on disk: the backward sweep recomputes every block from its stored input, in reverse
 order, so all of them exist at once: blocks x sequences x tokens x hidden float32, 2.1 GiB

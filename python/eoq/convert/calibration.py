@@ -188,6 +188,7 @@ def sensitivity_of(source: Source, config: QuantConfig, model, seqs: list, progr
     ``model`` None, a folder's model is run one block at a time (fisher_pass_blockwise: the
     same sums, one block in memory) by ``runner`` (or a new BlockRunner), else loaded whole;
     that pass keeps its state in the folder ``checkpoint`` to resume from."""
+    from ..calibrate import fisher_blockwise
     from ..calibrate import sensitivity as sensmod
 
     vocab_rows = {name: source.spec(name).shape[0] for name, role in source.vocab.items() if role == "input"}
@@ -203,9 +204,9 @@ def sensitivity_of(source: Source, config: QuantConfig, model, seqs: list, progr
         sens = None
         if runner is not None:
             try:
-                sens = sensmod.fisher_pass_blockwise(runner, fisher_seqs, row_params=source.vocab, seed=config.seed,
+                sens = fisher_blockwise.fisher_pass_blockwise(runner, fisher_seqs, row_params=source.vocab, seed=config.seed,
                                                      progress=progress, checkpoint=checkpoint)
-            except sensmod.Unsupported:
+            except fisher_blockwise.Unsupported:
                 sens = None
         if sens is None:
             sens = sensmod.fisher_pass(source.load_model() if runner is not None else model, fisher_seqs,

@@ -9,10 +9,8 @@ dtype the manifest promises have been verified.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import pathlib
 from typing import Optional
 
 import torch
@@ -20,7 +18,6 @@ import torch
 from .. import ops
 from ..errors import CorruptStreamError, FormatError
 from ..methods.quantized import QuantizedTensor, code_entropy_bits
-from ..standalone.load_quantized import check_side  # noqa: F401  (one implementation for both readers)
 from ..standalone import load_quantized as _reader
 
 FORMAT = "eoq"
@@ -30,7 +27,7 @@ WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 MARKER_TEXT = "eoq-quantized weights: `import eoq` before from_pretrained, or use load_quantized.py"
 QUANTIZED_KINDS = ("quantized", "protected")
-MAX_MANIFEST_BYTES = 256 << 20  # a manifest is ~1 KB a tensor; refuse to parse a bomb
+MAX_MANIFEST_BYTES = _reader.MAX_MANIFEST_BYTES  # a manifest is ~1 KB a tensor; refuse to parse a bomb
 MAX_WEIGHT = 1e37  # the largest weight magnitude side tensors may imply (float32 tops out at 3.4e38)
 
 
@@ -73,11 +70,7 @@ def is_quantized(entry: dict) -> bool:
 # those the reader's validation (eoq.format.validate) keeps every length and shape in bounds.
 
 
-def canonical_json(obj, where: str) -> bytes:
-    try:
-        return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
-    except (TypeError, ValueError) as e:
-        raise FormatError(f"{where}: not canonical JSON ({e})") from e
+canonical_json = _reader.canonical_json
 
 
 def crc32c_bytes(data: bytes, value: int = 0) -> int:
@@ -91,18 +84,22 @@ def data_crc(tensors: list[torch.Tensor]) -> int:
     return crc
 
 
+def _crc(data, value: int = 0) -> int:
+    """The stand-alone reader's CRC interface (bytes or a tensor, continuing ``value``) on
+    eoq's C++ CRC-32C: the reader's checksum functions run on it at memory speed."""
+    if isinstance(data, (bytes, bytearray)):
+        return crc32c_bytes(bytes(data), value)
+    return ops.crc32c_tensor(data, value)
+
+
 def entry_checksum(name: str, entry: dict, crc: int) -> str:
     """The checksum of entry `name` whose stored bytes have CRC-32C `crc` (0 when nothing is
     stored): `crc` continued over the canonical JSON of [name, the entry without its checksum]."""
-    recipe = [name, {k: v for k, v in entry.items() if k != "checksum"}]
-    return f"crc32c:{crc32c_bytes(canonical_json(recipe, name), crc):08x}"
+    return _reader.recipe_checksum(name, entry, crc, _crc)
 
 
 def manifest_checksum(manifest: dict, where: str = "manifest") -> str:
-    listing = {"marker": manifest.get("marker"),
-               "tensors": {n: e.get("checksum") if isinstance(e, dict) else None
-                           for n, e in manifest["tensors"].items()}}
-    return f"crc32c:{crc32c_bytes(canonical_json(listing, where)):08x}"
+    return _reader.manifest_checksum(manifest, where, _crc)
 
 
 def seal(manifest: dict) -> None:
@@ -163,34 +160,10 @@ def plain_entry(t: torch.Tensor, kind: str, reason: Optional[str] = None, rule: 
 
 def read_manifest(path: os.PathLike) -> dict:
     """The manifest of a folder, every field validated (eoq.format.validate) and its own checksum
-    checked; entries' checksums are checked against the bytes by eoq.format.folder."""
-    from .validate import validate_manifest
-
-    folder = pathlib.Path(path)
-    file = folder / MANIFEST
-    if not file.is_file():
-        raise FormatError(f"{folder}: no {MANIFEST}; not an eoq-quantized folder")
-    try:
-        size = file.stat().st_size
-        if size > MAX_MANIFEST_BYTES:
-            raise FormatError(f"{file}: {size} bytes, more than any manifest ({MAX_MANIFEST_BYTES}); refusing to parse")
-        manifest = json.loads(file.read_bytes())
-    except (OSError, ValueError, RecursionError) as e:
-        if isinstance(e, FormatError):
-            raise
-        raise FormatError(f"{file}: unreadable or not JSON ({type(e).__name__}: {e})") from e
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise FormatError(f"{file}: not an eoq manifest (format {manifest.get('format') if isinstance(manifest, dict) else None!r})")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise FormatError(f"{file}: format version {manifest.get('format_version')!r} is not supported by this eoq "
-                          f"(it reads version {FORMAT_VERSION}); convert the model again with this eoq, or use "
-                          "the eoq that wrote it")
-    validate_manifest(manifest, str(file))
-    got = manifest_checksum(manifest, str(file))
-    if got != manifest["checksum"]:
-        raise FormatError(f"{file}: manifest checksum mismatch (its entries give {got}, it says "
-                          f"{manifest['checksum']}): an entry was added, removed or changed")
-    return manifest
+    checked (the stand-alone reader's read_manifest on eoq's CRC); entries' checksums are
+    checked against the bytes by eoq.format.folder."""
+    return _reader.read_manifest(os.fspath(path), _crc, newer="convert the model again with this eoq, or use the "
+                                                               "eoq that wrote it")
 
 
 def stored_keys(name: str, entry: dict) -> dict[str, str]:
@@ -201,25 +174,10 @@ def stored_keys(name: str, entry: dict) -> dict[str, str]:
 
 
 def verify(name: str, entry: dict, parts: dict[str, torch.Tensor]) -> None:
-    """Every part the manifest lists is there with its dtype and shape, the side tensors are
-    finite, and the checksum (bytes and recipe) holds."""
-    keys = stored_keys(name, entry)
-    missing = sorted(set(keys) - set(parts))
-    if missing:
-        raise FormatError(f"{name}: stored parts {missing} are missing")
-    specs = entry["parts"] if is_quantized(entry) else {"tensor": entry}
-    for part in keys:
-        t, spec = parts[part], specs[part]
-        if dtype_name(t.dtype) != spec["dtype"] or list(t.shape) != list(spec["shape"]):
-            raise FormatError(f"{name}.{part}: stored as {dtype_name(t.dtype)} {list(t.shape)}, the manifest says "
-                              f"{spec['dtype']} {spec['shape']}")
-    order = part_order(keys) if is_quantized(entry) else ["tensor"]
-    got = entry_checksum(name, entry, data_crc([parts[p] for p in order]))
-    if got != entry["checksum"]:
-        raise FormatError(f"{name}: checksum mismatch (the stored bytes and recipe give {got}, the manifest says "
-                          f"{entry['checksum']}); the file or the manifest is damaged")
-    if is_quantized(entry):
-        check_side(name, entry, parts)
+    """Every part the manifest lists is there with its dtype and shape, the checksum (bytes
+    and recipe) holds, and the side tensors' values are sound (the stand-alone reader's
+    verify_entry on eoq's CRC)."""
+    _reader.verify_entry(name, entry, parts, _crc)
 
 
 def decode_codes(name: str, entry: dict, stream: torch.Tensor) -> torch.Tensor:

@@ -764,23 +764,39 @@ def canonical_json(obj, where: str) -> bytes:
         raise FormatError(f"{where}: not canonical JSON ({e})") from e
 
 
-def entry_checksum(name: str, entry: dict, tensors: dict) -> str:
-    """"crc32c:%08x" of an entry's stored tensors (part -> tensor, "tensor" for an unquantized
-    entry, none for a tied one) and its recipe, as docs/FORMAT.md defines it."""
-    crc = 0
+# Every function below that computes a CRC takes the CRC function as ``crc``: this file's
+# numpy one by default, eoq's C++ one (eoq.format.repo) when eoq reads, so one body serves both
+# readers. ``crc(data, value)``: data bytes or a tensor, value the CRC-32C of what came before.
+
+
+def data_checksum(entry: dict, tensors: dict, crc=crc32c) -> int:
+    """The CRC-32C of an entry's stored tensors (part -> tensor, "tensor" for an unquantized
+    entry) in their stored order; 0 for a tied one (nothing stored)."""
+    value = 0
     if entry.get("kind") != "tied":
         order = _part_order(entry["parts"]) if _is_quantized(entry) else ["tensor"]
         for part in order:
-            crc = crc32c(tensors[part], crc)
+            value = crc(tensors[part], value)
+    return value
+
+
+def recipe_checksum(name: str, entry: dict, value: int, crc=crc32c) -> str:
+    """"crc32c:%08x": ``value`` (the stored bytes' CRC-32C) continued over the canonical JSON
+    of [name, the entry without its checksum], as docs/FORMAT.md defines it."""
     recipe = [name, {k: v for k, v in entry.items() if k != "checksum"}]
-    return f"crc32c:{crc32c(canonical_json(recipe, name), crc):08x}"
+    return f"crc32c:{crc(canonical_json(recipe, name), value):08x}"
 
 
-def manifest_checksum(manifest: dict, where: str = MANIFEST) -> str:
+def entry_checksum(name: str, entry: dict, tensors: dict, crc=crc32c) -> str:
+    """An entry's checksum from its stored tensors and its recipe."""
+    return recipe_checksum(name, entry, data_checksum(entry, tensors, crc), crc)
+
+
+def manifest_checksum(manifest: dict, where: str = MANIFEST, crc=crc32c) -> str:
     listing = {"marker": manifest.get("marker"),
                "tensors": {n: e.get("checksum") if isinstance(e, dict) else None
                            for n, e in manifest["tensors"].items()}}
-    return f"crc32c:{crc32c(canonical_json(listing, where)):08x}"
+    return f"crc32c:{crc(canonical_json(listing, where), 0):08x}"
 
 
 # ---- dequantization -------------------------------------------------------------------------------
@@ -851,7 +867,7 @@ def check_side(name: str, entry: dict, tensors: dict) -> None:
         raise FormatError(f"{name}: its steps / scales give weights up to {bound:.3g}, beyond float32's range")
 
 
-def verify_entry(name: str, entry: dict, tensors: dict) -> None:
+def verify_entry(name: str, entry: dict, tensors: dict, crc=crc32c) -> None:
     """Checks the stored tensors against a validated entry: every part with its dtype and
     shape, the checksum (bytes and recipe), then the side tensors' values."""
     keys = _stored_names(name, entry)
@@ -868,7 +884,7 @@ def verify_entry(name: str, entry: dict, tensors: dict) -> None:
         if _dtype_name(t.dtype) != spec["dtype"] or list(t.shape) != list(spec["shape"]):
             raise FormatError(f"{what}: stored as {_dtype_name(t.dtype)} {list(t.shape)}, the manifest says "
                               f"{spec['dtype']} {spec['shape']}")
-    got = entry_checksum(name, entry, tensors)
+    got = entry_checksum(name, entry, tensors, crc)
     if got != entry["checksum"]:
         raise FormatError(f"{name}: checksum mismatch (the stored bytes and recipe give {got}, the manifest says "
                           f"{entry['checksum']}); the file or the manifest is damaged")
@@ -1031,9 +1047,13 @@ def _read_json(file: str, what: str):
         raise FormatError(f"{file}: unreadable or not JSON ({type(e).__name__}: {e})") from e
 
 
-def read_manifest(path) -> dict:
+NEWER = "use the load_quantized.py the folder came with"  # what to do with another format version
+
+
+def read_manifest(path, crc=crc32c, newer: str = NEWER) -> dict:
     """The manifest of a folder: at most 256 MB, format and version 2, every field validated,
-    its own checksum checked (entries' checksums are checked against the bytes by read_folder)."""
+    its own checksum checked (entries' checksums are checked against the bytes by read_folder).
+    ``newer``: what the error for another format version tells the user to do."""
     file = os.path.join(path, MANIFEST)
     if not os.path.isfile(file):
         raise FormatError(f"{path}: no {MANIFEST}; not an eoq-quantized folder")
@@ -1043,9 +1063,9 @@ def read_manifest(path) -> dict:
         raise FormatError(f"{file}: not an eoq manifest (format {got!r}, expected {FORMAT!r})")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise FormatError(f"{file}: format version {manifest.get('format_version')!r} is not supported by this "
-                          f"loader (it reads version {FORMAT_VERSION}); use the load_quantized.py the folder came with")
+                          f"loader (it reads version {FORMAT_VERSION}); {newer}")
     validate_manifest(manifest, file)
-    got = manifest_checksum(manifest, file)
+    got = manifest_checksum(manifest, file, crc)
     if got != manifest["checksum"]:
         raise FormatError(f"{file}: manifest checksum mismatch (its entries give {got}, it says "
                           f"{manifest['checksum']}): an entry was added, removed or changed")
