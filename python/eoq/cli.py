@@ -1,4 +1,4 @@
-"""The ``eoq`` command: ``eoq quantize MODEL -o OUT [options]`` and ``eoq info DIR``."""
+"""The ``eoq`` command: ``eoq quantize MODEL -o OUT [options]``, ``eoq info DIR``, ``eoq decode DIR -o OUT``."""
 
 from __future__ import annotations
 
@@ -227,6 +227,27 @@ def push_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+def decode_parser(sub) -> None:
+    p = sub.add_parser("decode", help="write an eoq folder as a plain 16-bit Hugging Face folder",
+                       description="Decode an eoq folder into a plain Hugging Face folder (safetensors, config.json "
+                                   "without quantization_config, tokenizer) that loads without eoq: for vLLM, "
+                                   "SGLang, or llama.cpp's convert_hf_to_gguf.py.")
+    p.add_argument("folder", help="the eoq folder")
+    p.add_argument("-o", "--output", required=True, help="output folder (must not exist)")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
+                   help="of the floating tensors (default bfloat16)")
+    p.add_argument("--max-shard-size", type=_size, help="e.g. 5GB (default)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+    def run(a) -> int:
+        from .load.decode import MAX_SHARD_BYTES, decode_folder
+        out = decode_folder(a.folder, a.output, a.dtype, a.max_shard_size or MAX_SHARD_BYTES, overwrite=a.overwrite)
+        print(f"wrote {out}: a plain Hugging Face folder in {a.dtype}, which loads without eoq")
+        return 0
+
+    p.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eoq", description="entropy-optimal quantization of LLM checkpoints")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -235,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     eval_parser(sub)
     card_parser(sub)
     push_parser(sub)
+    decode_parser(sub)
     return parser
 
 

@@ -23,6 +23,15 @@ message going to a log. So a converter that fails records its FormatError and ha
 empty placeholder; transformers, seeing the placeholder's shape differ from the parameter's,
 asks ``param_needs_quantization``, which raises the recorded error itself, out of
 ``from_pretrained``, message intact.
+
+Saving: the loaded model is dense, so it saves like any other. ``save_pretrained`` asks the
+quantizer for its state dict (``get_state_dict_and_metadata``) before it writes config.json;
+the quantizer then lets go of the model (``remove_quantization_config``: no ``hf_quantizer``,
+no ``quantization_config``), and transformers writes a plain folder of the dense weights in the
+model's dtype. transformers reverses the load-time conversions on saving
+(``revert_weight_conversion``); the reverse of eoq's (``EoqConverter.reverse_transform``) is
+the dense weight under its own name, so a model whose quantizer was detached by hand saves
+too. ``eoq decode`` writes the same folder from the files alone (eoq.load.decode).
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ import re
 from typing import Any, Optional
 
 import torch
-from transformers.core_model_loading import ConversionOps, WeightConverter
+from transformers.core_model_loading import ConversionOps, WeightConverter, WeightRenaming
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
@@ -86,6 +95,14 @@ class EoqDequantize(ConversionOps):
                                  f"{where}: {full_layer_name}: cannot load ({type(e).__name__}: {e})")
             q.pending_error = q.pending_error or e
             return {full_layer_name: torch.empty(0)}
+
+
+class EoqConverter(WeightConverter):
+    """eoq's converter: its reverse, for saving, leaves the dense weight as it is."""
+
+    def reverse_transform(self):
+        targets = self._original_target_patterns
+        return WeightRenaming([re.escape(t) for t in targets], targets)  # the identity
 
 
 class EoqHfQuantizer(HfQuantizer):
@@ -164,17 +181,34 @@ class EoqHfQuantizer(HfQuantizer):
         return False
 
     def get_weight_conversions(self):
-        return [WeightConverter(self.serialized_names["weight"], "weight", [EoqDequantize(self)])]
+        return [EoqConverter(self.serialized_names["weight"], "weight", [EoqDequantize(self)])]
 
     def update_weight_conversions(self, weight_conversions, model):
         extra = []
         marker = (self.manifest or {}).get("marker")
         if marker:  # the marker goes to its parameter's converter, which ignores it
-            extra.append(WeightConverter(re.escape(marker) + "$", marker, [EoqDequantize(self)]))
+            extra.append(EoqConverter(re.escape(marker) + "$", marker, [EoqDequantize(self)]))
         return list(weight_conversions) + extra + self.get_weight_conversions()
 
     def is_serializable(self):
-        return False
+        return True  # as a plain model (module docstring)
+
+    def get_state_dict_and_metadata(self, model):
+        """save_pretrained's first step: the quantizer lets go, so that config.json is written
+        without quantization_config; the state dict is the model's own."""
+        self.remove_quantization_config(model)
+        return None, {}
+
+    def remove_quantization_config(self, model):
+        """transformers' detach, keeping the load-time conversions: eoq's reverse to the
+        identity, the model's own (renamings) are still reversed when it is saved."""
+        conversions = getattr(model, "_weight_conversions", None)
+        super().remove_quantization_config(model)
+        if conversions is not None:
+            model._weight_conversions = conversions
+
+    def _dequantize(self, model, dtype=None):
+        return model  # the weights were decoded on load; ``model.dequantize()`` only detaches
 
     @property
     def is_trainable(self) -> bool:
