@@ -63,14 +63,14 @@ def main(argv=None) -> int:
     manifest = eoq.quantize_model(gguf, out, config, overwrite=True, progress=not a.no_progress, verbose=False)
     t_convert = time.perf_counter() - t0
 
-    print(f"\n== load with from_pretrained (after `import eoq`)")
+    print("\n== load with from_pretrained (after `import eoq`)")
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     t_load = time.perf_counter() - t0
     tok = AutoTokenizer.from_pretrained(out)
     base = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
 
-    print(f"\n== greedy generations (40 tokens)")
+    print("\n== greedy generations (40 tokens)")
     samples = []
     for prompt in PROMPTS:
         b, q = generate(base, tok, prompt), generate(model, tok, prompt)

@@ -1,5 +1,6 @@
-"""Loading an eoq folder: ``load_quantized`` / ``read_state_dict`` (``loader``) and the
-transformers quantizer behind ``from_pretrained`` (``hf_quantizer``).
+"""Loading an eoq folder: ``load_quantized`` / ``read_state_dict`` (``loader``), the
+transformers quantizer behind ``from_pretrained`` and the loaded model's ``save_pretrained``
+(``hf_quantizer``), and ``eoq decode``: the folder as a plain 16-bit one (``decode``).
 
 Imports: kernels, methods and format only.
 """
