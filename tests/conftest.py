@@ -71,6 +71,8 @@ SLOW = (
     "tests/test_ray_executor.py::test_a_failing_job_stops_the_run_and_it_resumes",
     "tests/test_ray_executor.py::test_cli_runs_on_ray",
     "tests/test_fuzz_short.py::",
+    # make demo
+    "tests/test_demo.py::",
 )
 
 

@@ -149,3 +149,19 @@ def test_old_module_names_lead_to_the_new_ones():
         else:
             assert any(f"eoq.{new}" in str(x.message) for x in w), old
         assert getattr(eoq, old) is m
+
+
+def test_names_of_the_old_convert_module_lead_to_their_modules():
+    import importlib
+    import warnings
+
+    import eoq.convert
+
+    for name, module in eoq.convert._MOVED.items():
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            got = getattr(eoq.convert, name)
+        assert got is getattr(importlib.import_module(f"eoq.convert.{module}"), name)
+        assert any(f"eoq.convert.{module}.{name}" in str(x.message) for x in w), name
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        eoq.convert.nothing

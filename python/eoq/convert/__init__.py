@@ -15,3 +15,30 @@ from .pipeline import quantize_model
 from .summary import summary_table
 
 __all__ = ["calibrate_model", "quantize_model", "summary_table"]
+
+# What the one-module eoq.convert (up to 0.1.0) held, and where each name lives now: an old
+# ``from eoq.convert import tensor_seed`` still works, with a DeprecationWarning naming the place.
+_MOVED = {
+    **dict.fromkeys(("tensor_seed", "stored_dtype", "importance_for", "stats_for", "feedback_options",
+                     "tied_entry", "row_importance_for", "budget_bits", "check_budget", "check_settings"), "plan"),
+    **dict.fromkeys(("TensorJob", "tensor_job", "run_tensor_job", "weights_bar", "cached_curve", "CurveJob",
+                     "curve_job", "run_curve_job"), "jobs"),
+    **dict.fromkeys(("CARRY_WAVE", "waves", "wave_bits", "allocate_rates"), "rates"),
+    **dict.fromkeys(("Partial", "atomic_write"), "partial"),
+    **dict.fromkeys(("FAULT_SENSITIVITY_ENV", "has_covariance", "calibrate", "block_runner", "activation_stats",
+                     "sensitivity_of"), "calibration"),
+    **dict.fromkeys(("stored_tensors", "write_shards", "totals", "write_config"), "write"),
+    "FAULT_ENV": "pipeline", "run_line": "summary",
+}
+
+
+def __getattr__(name: str):
+    if name in _MOVED:
+        import importlib
+        import warnings
+
+        where = f"eoq.convert.{_MOVED[name]}"
+        warnings.warn(f"eoq.convert.{name} moved to {where}.{name}; import it from there", DeprecationWarning,
+                      stacklevel=2)
+        return getattr(importlib.import_module(where), name)
+    raise AttributeError(f"module 'eoq.convert' has no attribute {name!r}")

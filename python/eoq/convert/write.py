@@ -27,26 +27,12 @@ def stored_tensors(name: str, entry: dict, parts: dict[str, torch.Tensor]) -> di
     return {name: parts["tensor"]}
 
 
-def shard_plan(names: list[str], entries: dict, max_bytes: int) -> list[list[str]]:
-    shards, current, size = [], [], 0
-    for name in names:
-        n = entries[name]["stored_bytes"]
-        if current and size + n > max_bytes:
-            shards.append(current)
-            current, size = [], 0
-        current.append(name)
-        size += n
-    if current or not shards:
-        shards.append(current)
-    return shards
-
-
 def write_shards(dest: pathlib.Path, partial: Partial, entries: dict, marker: Optional[str], max_bytes: int) -> int:
     """Write the safetensors shards (and the index when there are several); returns their bytes."""
     from safetensors.torch import save_file
 
     names = [n for n in sorted(entries) if entries[n]["kind"] != "tied"]
-    shards = shard_plan(names, entries, max_bytes)
+    shards = repo.shard_plan(names, {n: entries[n]["stored_bytes"] for n in names}, max_bytes)
     files = [repo.WEIGHTS] if len(shards) == 1 else \
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map, total = {}, 0

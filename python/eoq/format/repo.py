@@ -20,13 +20,10 @@ from ..errors import CorruptStreamError, FormatError
 from ..methods.quantized import QuantizedTensor, code_entropy_bits
 from ..standalone import load_quantized as _reader
 
-FORMAT = "eoq"
-FORMAT_VERSION = 2
-MANIFEST = "quant_manifest.json"
-WEIGHTS = "model.safetensors"
-INDEX = "model.safetensors.index.json"
-MARKER_TEXT = "eoq-quantized weights: `import eoq` before from_pretrained, or use load_quantized.py"
-QUANTIZED_KINDS = ("quantized", "protected")
+# The format's names and limits: the stand-alone reader's (it defines the format it reads)
+FORMAT, FORMAT_VERSION, MANIFEST = _reader.FORMAT, _reader.FORMAT_VERSION, _reader.MANIFEST
+WEIGHTS, INDEX, MARKER_TEXT = _reader.WEIGHTS, _reader.INDEX, _reader.MARKER_TEXT
+QUANTIZED_KINDS = _reader.QUANTIZED_KINDS
 MAX_MANIFEST_BYTES = _reader.MAX_MANIFEST_BYTES  # a manifest is ~1 KB a tensor; refuse to parse a bomb
 MAX_WEIGHT = 1e37  # the largest weight magnitude side tensors may imply (float32 tops out at 3.4e38)
 
@@ -237,3 +234,20 @@ def weight_files(folder: os.PathLike) -> dict[str, str]:
     """tensor name -> safetensors file, from the shard index or the single file; index entries
     must be plain file names present in the folder (the stand-alone loader's check)."""
     return _reader.weight_files(os.fspath(folder))
+
+
+def shard_plan(names: list[str], sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
+    """``names`` in order, a new shard whenever the next tensor would take the current one past
+    ``max_bytes`` (a larger tensor gets a shard of its own), as transformers shards; one shard
+    (perhaps empty) at least."""
+    shards, current, size = [], [], 0
+    for name in names:
+        n = sizes[name]
+        if current and size + n > max_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += n
+    if current or not shards:
+        shards.append(current)
+    return shards

@@ -58,22 +58,6 @@ def _out_dtype(entry: dict, dtype: torch.dtype) -> torch.dtype:
     return dtype if stored.is_floating_point else stored  # integer tensors stay as they are
 
 
-def shard_plan(names: list[str], entries: dict, dtype: torch.dtype, max_bytes: int) -> list[list[str]]:
-    """Tensors in order, a new shard whenever the next would pass ``max_bytes`` (one larger
-    than that gets a shard of its own), as transformers shards."""
-    shards, current, size = [], [], 0
-    for name in names:
-        n = repo.entry_numel(entries[name]) * torch.empty(0, dtype=_out_dtype(entries[name], dtype)).element_size()
-        if current and size + n > max_bytes:
-            shards.append(current)
-            current, size = [], 0
-        current.append(name)
-        size += n
-    if current or not shards:
-        shards.append(current)
-    return shards
-
-
 def _check_paths(src: pathlib.Path, out: pathlib.Path, overwrite: bool) -> None:
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: no such folder (an eoq folder, as `eoq quantize` writes it; a hub model: "
@@ -96,7 +80,8 @@ def _write_shards(folder, dest: pathlib.Path, dtype: torch.dtype, max_bytes: int
 
     entries = folder.manifest["tensors"]
     names = [n for n in sorted(entries) if entries[n]["kind"] != "tied"]  # tied: transformers ties them on load
-    shards = shard_plan(names, entries, dtype, max_bytes)
+    shards = repo.shard_plan(names, {n: repo.entry_numel(entries[n]) * torch.empty(
+        0, dtype=_out_dtype(entries[n], dtype)).element_size() for n in names}, max_bytes)
     files = [repo.WEIGHTS] if len(shards) == 1 else \
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map, total_bytes, total_params = {}, 0, 0
