@@ -42,7 +42,8 @@ demo: model
 
 # `make test`: the fast tier, every module covered; `make test-all` adds the slow tier
 # (tests/conftest.py SLOW: SmolLM2-size conversions, kill-and-resume, the adversarial sweep,
-# the Ray cluster, the short fuzz run, the quickstart notebook). Each prints its slowest tests.
+# the Ray cluster, the short fuzz run, the quickstart notebook, make demo). Each prints its
+# slowest tests.
 test: model
 	$(PYTHON) -m pytest -q -m "not slow" --durations=15 $(PYTEST_ARGS)
 
