@@ -40,6 +40,8 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
+from . import kquants
+
 QK = 32  # weights per block, Q4_1 and Q8_0
 _BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}  # fp16 d (+ fp16 m for Q4_1) + payload
 
@@ -54,7 +56,7 @@ _LINEAR_HF = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
-_BLK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.weight$")
+_BLK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 
 
 class DitherError(RuntimeError):
@@ -73,7 +75,7 @@ def hf_name(gguf_name: str) -> str:
     m = _BLK_RE.match(gguf_name)
     if not m or m.group(2) not in _LINEAR_HF:
         raise DitherError(f"no transformers name known for GGUF tensor {gguf_name!r}")
-    return f"model.layers.{m.group(1)}.{_LINEAR_HF[m.group(2)]}.weight"
+    return f"model.layers.{m.group(1)}.{_LINEAR_HF[m.group(2)]}.{m.group(3)}"
 
 
 def rotary_row_permutation(n_rows: int, n_head: int) -> torch.Tensor:
@@ -102,9 +104,22 @@ def _raw_blocks(t) -> tuple[np.ndarray, int, int]:
 
 
 def block_steps(t) -> torch.Tensor:
-    """Per-weight quantization step [rows, cols] (float32) of a Q4_1 or Q8_0 GGUF tensor,
-    from the fp16 ``d`` at the start of each raw block, in GGUF row order."""
+    """Per-weight quantization step [rows, cols] (float32) of a Q4_1, Q8_0, Q4_K or Q6_K GGUF
+    tensor, in GGUF row order: the fp16 ``d`` at the start of each raw Q4_1 / Q8_0 block; a
+    K-quant's sub-block scale x its super-block scale (eoq.testing.kquants)."""
     kind = t.tensor_type.name
+    if kind in kquants.FIELDS:
+        cols, rows = (int(x) for x in t.shape[:2])
+        if len(t.shape) != 2 or cols % kquants.QK_K:
+            raise DitherError(f"{t.name}: unexpected shape {list(t.shape)} for {kind}")
+        try:
+            _, steps, _ = kquants.FIELDS[kind](np.asarray(t.data))
+        except ValueError as e:
+            raise DitherError(f"{t.name}: {e}") from None
+        if steps.size != rows * cols:
+            raise DitherError(f"{t.name}: {steps.size} weights in its blocks, expected {rows} x {cols}")
+        # the cell's width: Q6_K's scales are signed, so a sub-block's d * scale can be negative
+        return torch.from_numpy(np.abs(steps).reshape(rows, cols))
     if kind not in _BLOCK_BYTES:
         raise DitherError(f"{t.name}: no step map for tensor type {kind}")
     blocks, rows, cols = _raw_blocks(t)
@@ -174,7 +189,8 @@ def dither_to_bf16(w: torch.Tensor, step: torch.Tensor, gen: torch.Generator) ->
 
 def build_dithered(gguf_path: Union[str, os.PathLike], out_dir: Union[str, os.PathLike],
                    seed: int = 0, verbose: bool = False) -> pathlib.Path:
-    """Build the dithered copy of a llama GGUF (Q4_1 / Q8_0 / F32 tensors) into ``out_dir``.
+    """Build the dithered copy of a llama or qwen2 GGUF (Q4_1 / Q8_0 / Q4_K / Q6_K / F32
+    tensors) into ``out_dir``.
 
     Written into a temporary sibling folder and renamed when complete; an existing
     ``out_dir`` is replaced. Returns ``out_dir``.
@@ -191,6 +207,8 @@ def build_dithered(gguf_path: Union[str, os.PathLike], out_dir: Union[str, os.Pa
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     n_head = int(model.config.num_attention_heads)
     n_kv_head = int(model.config.num_key_value_heads)
+    # transformers un-permutes llama.cpp's rotary row order for llama only (qwen2 keeps its rows)
+    permuted = model.config.model_type == "llama"
 
     params = dict(model.named_parameters(remove_duplicate=False))
     new: dict[str, torch.Tensor] = {}
@@ -203,7 +221,7 @@ def build_dithered(gguf_path: Union[str, os.PathLike], out_dir: Union[str, os.Pa
         hf = params[name].detach()
         w = dequantized(t)
         kind = t.tensor_type.name
-        perm = hf_row_permutation(t.name, w.shape[0], n_head, n_kv_head)
+        perm = hf_row_permutation(t.name, w.shape[0], n_head, n_kv_head) if permuted else None
         if perm is not None:
             w = w[perm]
         if w.shape != hf.shape or not torch.equal(w, hf):
@@ -271,8 +289,8 @@ def _check_saved(folder: pathlib.Path) -> None:
     cfg = json.loads((folder / "config.json").read_text())
     if "quantization_config" in cfg:
         raise DitherError("config.json still carries a quantization_config")
-    if not (folder / "model.safetensors").is_file():
-        raise DitherError(f"save_pretrained wrote no model.safetensors into {folder}")
+    if not (folder / "model.safetensors").is_file() and not (folder / "model.safetensors.index.json").is_file():
+        raise DitherError(f"save_pretrained wrote no model.safetensors (or shard index) into {folder}")
 
 
 __all__ = ["build_dithered", "block_steps", "dequantized", "hf_name", "hf_row_permutation",
