@@ -29,11 +29,16 @@ MOVED = {
 QUIET = {"calibration", "testmodels"}  # public names: no warning
 
 
+def warn(old: str, new: str, stacklevel: int) -> None:
+    """The DeprecationWarning of a name that moved: ``old`` is at ``new`` now."""
+    warnings.warn(f"{old} moved to {new}; import it from there", DeprecationWarning, stacklevel=stacklevel + 1)
+
+
 def resolve(old: str):
     """The module an old name ``eoq.<old>`` stands for (imported), warning unless public."""
     new = "eoq." + MOVED[old]
     if old not in QUIET:
-        warnings.warn(f"eoq.{old} moved to {new}; import it from there", DeprecationWarning, stacklevel=3)
+        warn(f"eoq.{old}", new, stacklevel=3)
     return importlib.import_module(new)
 
 
@@ -44,15 +49,18 @@ class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
             return None
         return importlib.util.spec_from_loader(fullname, self)
 
+    def __init__(self):
+        self._own: dict = {}  # old name -> the new module's own spec, between the two calls below
+
     def create_module(self, spec):
         module = resolve(spec.name.partition(".")[2])
-        self._own = module.__spec__
+        self._own[spec.name] = module.__spec__
         return module
 
     def exec_module(self, module):
         # the new module ran when it was imported; the import system has just set its
         # __spec__ to the old name's: give it back its own (pickling, reload, tracebacks)
-        module.__spec__ = self._own
+        module.__spec__ = self._own.pop(module.__spec__.name)
 
 
 def install() -> None:

@@ -35,10 +35,10 @@ _MOVED = {
 def __getattr__(name: str):
     if name in _MOVED:
         import importlib
-        import warnings
+
+        from .._moved import warn
 
         where = f"eoq.convert.{_MOVED[name]}"
-        warnings.warn(f"eoq.convert.{name} moved to {where}.{name}; import it from there", DeprecationWarning,
-                      stacklevel=2)
+        warn(f"eoq.convert.{name}", f"{where}.{name}", stacklevel=2)
         return getattr(importlib.import_module(where), name)
     raise AttributeError(f"module 'eoq.convert' has no attribute {name!r}")

@@ -74,7 +74,7 @@ from .plan import check_budget, check_settings, plan, tied_entry
 from .quant_config import QuantConfig
 from .rates import allocate_rates, wave_bits, waves
 from .summary import run_line, summary_table
-from .write import publish, totals, write_folder_files, write_shards
+from .write import totals, write_folder_files, write_shards
 
 FAULT_ENV = "EOQ_FAULT_AFTER_TENSORS"  # tests: die (os._exit) after this many new part files
 log = logging.getLogger("eoq")
@@ -230,7 +230,7 @@ def _convert(model_or_path, out: pathlib.Path, config: QuantConfig, executor, *,
     repo.seal(manifest)
     atomic_write(dest / repo.MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
     write_folder_files(dest, source, config, entries)
-    publish(dest, out)
+    repo.publish(dest, out)
     shutil.rmtree(partial.root)
     return manifest
 

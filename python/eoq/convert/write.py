@@ -1,6 +1,6 @@
 """Assembling the output in the partial folder's repo/: the safetensors shards (and index)
 from the part files, the manifest's totals, config.json with its quantization_config, the
-stand-alone loader and the card; then the finished folder renamed into place.
+stand-alone loader and the card (eoq.format.repo.publish then renames the folder into place).
 """
 
 from __future__ import annotations
@@ -33,8 +33,7 @@ def write_shards(dest: pathlib.Path, partial: Partial, entries: dict, marker: Op
 
     names = [n for n in sorted(entries) if entries[n]["kind"] != "tied"]
     shards = repo.shard_plan(names, {n: entries[n]["stored_bytes"] for n in names}, max_bytes)
-    files = [repo.WEIGHTS] if len(shards) == 1 else \
-        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    files = repo.shard_files(len(shards))
     weight_map, total = {}, 0
     for file, shard in zip(files, shards):
         tensors = {}
@@ -86,20 +85,6 @@ def write_config(dest: pathlib.Path, source: Source, config: QuantConfig, entrie
         cfg.save_pretrained(str(dest))
     finally:
         del cfg.quantization_config
-
-
-def publish(dest: pathlib.Path, out: pathlib.Path) -> None:
-    """Rename the finished folder into place; an old output is moved aside first and removed
-    only once the new one is there."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.eoq-old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(out, old)
-    os.replace(dest, out)
-    if old is not None:
-        shutil.rmtree(old)
 
 
 def write_folder_files(dest: pathlib.Path, source: Source, config: QuantConfig, entries: dict) -> None:

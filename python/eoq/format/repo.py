@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 import os
+import pathlib
+import shutil
 from typing import Optional
 
 import torch
@@ -251,3 +253,22 @@ def shard_plan(names: list[str], sizes: dict[str, int], max_bytes: int) -> list[
     if current or not shards:
         shards.append(current)
     return shards
+
+
+def shard_files(count: int) -> list[str]:
+    """The shard file names of a folder of ``count`` shards, as transformers names them."""
+    return [WEIGHTS] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def publish(dest: pathlib.Path, out: pathlib.Path) -> None:
+    """Rename the finished folder ``dest`` to ``out``; an old ``out`` is moved aside first and
+    removed only once the new one is there, so ``out`` is never half written."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.eoq-old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(out, old)
+    os.replace(dest, out)
+    if old is not None:
+        shutil.rmtree(old)

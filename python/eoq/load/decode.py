@@ -82,8 +82,7 @@ def _write_shards(folder, dest: pathlib.Path, dtype: torch.dtype, max_bytes: int
     names = [n for n in sorted(entries) if entries[n]["kind"] != "tied"]  # tied: transformers ties them on load
     shards = repo.shard_plan(names, {n: repo.entry_numel(entries[n]) * torch.empty(
         0, dtype=_out_dtype(entries[n], dtype)).element_size() for n in names}, max_bytes)
-    files = [repo.WEIGHTS] if len(shards) == 1 else \
-        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    files = repo.shard_files(len(shards))
     weight_map, total_bytes, total_params = {}, 0, 0
     for file, shard in zip(files, shards):
         tensors = {}
@@ -150,13 +149,7 @@ def decode_folder(folder: Union[str, os.PathLike], out_dir: Union[str, os.PathLi
         try:
             _write_shards(reader, tmp, dtype, max_shard_size)
             _write_files(src, tmp, plain_config(config, dtype))
-            old = None
-            if out.exists():  # overwrite: the old output moves aside, and goes once the new one is in place
-                old = out.with_name(f".{out.name}.eoq-decode-old-{os.getpid()}")
-                os.replace(out, old)
-            os.replace(tmp, out)
-            if old is not None:
-                shutil.rmtree(old)
+            repo.publish(tmp, out)  # overwrite: the old output goes once the new one is in place
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp)
