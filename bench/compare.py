@@ -6,8 +6,8 @@
         [--llama-types Q8_0,Q6_K,...] [--no-eoq] [--no-llamacpp] [--n-ctx 512] [--max-windows 16]
         [--eoq-allocation sensitivity,proxy,uniform] [--eoq-calibration calib,self,none]
         [--eoq-variants awq,plain,gptq,awq+gptq]
-        [--eoq-keep-embeddings] [--llama-calibration none,imatrix] [--threads N]
-        [--workdir DIR] [--json PATH] [--plot DIR]
+        [--eoq-keep-embeddings] [--eoq-folders DIR,...] [--llama-calibration none,imatrix] [--threads N]
+        [--llama-base f16|bf16] [--base-cache FILE] [--workdir DIR] [--json PATH] [--plot DIR]
     python bench/compare.py --from-json RUN1.json,RUN2.json [--json MERGED.json] [--plot DIR]
 
 Models: ``dithered`` is SmolLM2-135M with continuous weights (eoq.testing.models.smollm2_dithered,
@@ -112,8 +112,65 @@ def down_bits_gguf(path: pathlib.Path) -> tuple[int, int]:
     return nbytes, weights
 
 
+def stored_parameters(folder: pathlib.Path) -> int:
+    """The parameters an HF folder stores (tied ones once: the folder keeps them once), from
+    the safetensors headers alone."""
+    from safetensors import safe_open
+
+    n = 0
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():
+                n += math.prod(st.get_slice(k).get_shape())
+    return n
+
+
 def folder_bytes(folder: pathlib.Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+class SpentBase:
+    """Stands for the base model once all its log-probabilities are cached: a miss is a bug."""
+
+    def __call__(self, *a, **k):
+        raise RuntimeError("the base model was released; its log-probabilities should all be cached")
+
+    device = torch.device("cpu")
+
+
+class BaseCache(dict):
+    """The base's log-probabilities per window (scored rows, float32), kept in a safetensors file
+    so that later runs on the same model, text and windows skip the base's forward passes (at
+    1.5 B parameters, 40 windows take the base 6-10 minutes on two cores). The file records what
+    it was made from; a file from another model, text or window size is ignored and replaced."""
+
+    def __init__(self, path: str, folder: pathlib.Path, args):
+        super().__init__()
+        from safetensors import safe_open
+
+        self.path = pathlib.Path(path)
+        self.meta = {"model": str(pathlib.Path(folder).resolve()), "text": str(args.text), "n_ctx": str(args.n_ctx)}
+        if self.path.is_file():
+            with safe_open(str(self.path), "pt") as f:
+                same = f.metadata() == self.meta
+                if same:  # only the windows this run evaluates: 40 of them are 6 GB at a 152k vocabulary
+                    from eoq.evaluate.compare import Window
+                    for k in f.keys():
+                        protocol, n_ctx, stride, start, end, first, bos = k.split(":")
+                        if args.max_windows is None or int(start) < args.max_windows * args.n_ctx:
+                            self[(protocol, int(n_ctx), int(stride), Window(int(start), int(end), int(first),
+                                                                            bos == "1"))] = f.get_tensor(k)
+        self.loaded = len(self)
+
+    def save(self):
+        from safetensors.torch import save_file
+
+        if len(self) == self.loaded:
+            return
+        tensors = {f"{p}:{n}:{s}:{w.start}:{w.end}:{w.first}:{int(w.bos)}": v for (p, n, s, w), v in self.items()}
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata=self.meta)
+        tmp.replace(self.path)
 
 
 class Runner:
@@ -122,14 +179,35 @@ class Runner:
 
         self.a, self.work = args, work
         self.folder = base_folder(args.model, work)
-        self.base, _, _ = load_model(self.folder)
-        self.n_params = sum(p.numel() for p in self.base.parameters())  # tied ones once
         self.ids, self.bos, self.tok = tokens(self.folder, args.text)
-        self.cache: dict = {}
         self.rows: list[dict] = []
-        base = self.evaluate(self.base)
+        self.cache = BaseCache(args.base_cache, self.folder, args) if args.base_cache else {}
+        base = self.base_from_cache()
+        if base is None:  # the base's forward passes, once
+            self.base, _, _ = load_model(self.folder)
+            base = self.evaluate(self.base)
+        self.n_params = stored_parameters(self.folder)
         self.base_ppl = base["ppl"]
         print(f"# base {self.folder}: PPL {self.base_ppl:.4f} over {base['tokens']} tokens ({base['windows']} windows)")
+        if args.base_cache:
+            self.cache.save()
+        # every window's base log-probabilities are cached now: the base model is not needed
+        # again, and at 1.5 B parameters its float32 copy is 6 GB that the models under test need
+        self.base = SpentBase()
+
+    def base_from_cache(self) -> Optional[dict]:
+        """The base's PPL from a complete cache (its log-probabilities hold the targets'), else None."""
+        from eoq.evaluate.compare import _ppl, windows
+
+        ws = list(windows(self.ids.numel(), "llama.cpp", self.a.n_ctx))[:self.a.max_windows]
+        keys = [("llama.cpp", self.a.n_ctx, 256, w) for w in ws]
+        if not ws or any(k not in self.cache for k in keys):
+            return None
+        nll = []
+        for w, k in zip(ws, keys):
+            target = self.ids[w.start + w.first + 1:w.end]
+            nll.append(-self.cache[k][torch.arange(target.numel()), target].double())
+        return {**_ppl(torch.cat(nll)), "windows": len(ws)}
 
     def evaluate(self, model) -> dict:
         from eoq.evaluate.compare import evaluate_tokens
@@ -224,6 +302,21 @@ class Runner:
                                      "predicted_kl": alloc_rec.get("predicted_kl")})
                         shutil.rmtree(out)  # re-made in seconds; a full grid would fill the disk
 
+    def run_folders(self):
+        """eoq folders made elsewhere (``--eoq-folders``): evaluated as they are, bits from their manifests."""
+        import eoq
+
+        for folder in self.a.eoq_folders:
+            folder = pathlib.Path(folder)
+            m = json.loads((folder / "quant_manifest.json").read_text())
+            cfg, alloc_rec = m.get("config") or {}, m.get("allocation") or {}
+            model, _ = eoq.load_quantized(folder, dtype=torch.float32)
+            self.record("eoq", folder.name, "whole", cfg.get("calibration") not in (None, "self"),
+                        8 * m["totals"]["stored_bytes"] / self.n_params, model,
+                        {"allocation": cfg.get("allocation"), "calibration": cfg.get("calibration"),
+                         "folder": str(folder), "predicted_kl": alloc_rec.get("predicted_kl")})
+            del model
+
     # ---- llama.cpp ----------------------------------------------------------------------
 
     def run_llamacpp(self):
@@ -231,9 +324,9 @@ class Runner:
         from eoq.evaluate.compare import load_model
 
         llamacpp.ensure_tools(self.a.cache)
-        f16 = self.work / "llama-f16.gguf"
+        f16 = self.work / f"llama-{self.a.llama_base}.gguf"  # bf16 keeps a bf16 folder exactly
         if not f16.is_file():
-            llamacpp.convert_hf_to_gguf(self.folder, f16, "f16")
+            llamacpp.convert_hf_to_gguf(self.folder, f16, self.a.llama_base)
         imat = self.work / "llama-imatrix.gguf"
         if not imat.is_file():
             llamacpp.imatrix(f16, self.a.calib, imat, n_ctx=self.a.n_ctx, chunks=self.a.calib_sequences,
@@ -413,7 +506,12 @@ def main(argv=None) -> int:
     ap.add_argument("--llama-calibration", default="none,imatrix",
                     help="llama.cpp rows without (none) and/or with an imatrix (imatrix)")
     ap.add_argument("--no-eoq", action="store_true")
+    ap.add_argument("--eoq-folders", type=lambda v: [f for f in v.split(",") if f], default=[],
+                    help="eoq folders already made (comma-separated): evaluated as they are")
     ap.add_argument("--no-llamacpp", action="store_true")
+    ap.add_argument("--llama-base", default="f16", choices=("f16", "bf16", "f32"),
+                    help="the 16-bit GGUF llama-quantize starts from (bf16 for a bfloat16 folder: exact)")
+    ap.add_argument("--base-cache", help="safetensors file keeping the base's log-probabilities across runs")
     ap.add_argument("--n-ctx", type=int, default=512)
     ap.add_argument("--max-windows", type=int, default=16)
     ap.add_argument("--calib-sequences", type=int, default=32, help="calibration windows (eoq) = imatrix chunks")
@@ -450,6 +548,8 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     runner = Runner(a, work)
+    if a.eoq_folders:
+        runner.run_folders()
     if not a.no_eoq:
         runner.run_eoq()
     if not a.no_llamacpp:
