@@ -37,7 +37,9 @@ Every model is evaluated by eoq's own harness (eoq.evaluate.evaluate_tokens): GG
 transformers' GGUF loader (dequantized to a plain model), eoq folders through
 ``from_pretrained``; llama-perplexity protocol (windows of --n-ctx, BOS first, second half
 scored), the first --max-windows windows; KL divergence against the base model, whose
-log-probabilities are computed once and cached.
+log-probabilities (the scored rows) are computed once and cached: in memory, and with
+``--base-cache FILE`` on disk for later runs, which then never load the base (at 1.5 B
+parameters and a 152k vocabulary, 40 windows are 6.2 GB and 6-10 minutes of forward passes).
 """
 
 from __future__ import annotations

@@ -300,24 +300,6 @@ def test_row_multipliers_reference():
     assert ecsq.row_multipliers(torch.zeros(5)).tolist() == [1.0] * 5  # nothing seen: rows alike
 
 
-def test_unseen_rows_weigh_like_a_token_seen_once():
-    """The smoothed weights set the rows' steps and weigh their errors alike: a row the
-    calibration never saw counts like a token seen once, in the step search and the curves."""
-    from eoq.methods import ecsq
-    from eoq.methods.quantized import ROW_PRIOR, smoothed_row_weights
-
-    rho = torch.zeros(1000)
-    rho[:10] = torch.arange(1.0, 11.0)  # weights summing to 55, over 100 calibration tokens
-    sm = smoothed_row_weights(rho, 100)
-    assert torch.equal(sm[10:], torch.full((990,), ROW_PRIOR * 55 / 100, dtype=torch.float64))
-    assert torch.allclose(sm[:10], rho[:10].double() + ROW_PRIOR * 0.55)
-    assert torch.equal(smoothed_row_weights(torch.zeros(5)), torch.ones(5, dtype=torch.float64))  # nothing seen
-    p = ecsq.Problem(torch.randn(1000, 64), row_importance=rho, row_tokens=100)
-    assert torch.equal(p.rows_w.reshape(-1), sm)
-    m = ecsq.row_multipliers(rho, 100).double()
-    assert torch.allclose(m[10:], m[10].expand(990)) and bool((m[:10] < m[10]).all())  # seen rows: finer steps
-
-
 def test_row_importance_lowers_the_row_weighted_error_at_equal_rate():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(512, 256, generator=g)
@@ -342,7 +324,7 @@ def test_row_importance_lowers_the_row_weighted_error_at_equal_rate():
 def test_row_importance_with_awq_and_bad_input():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(300, 128, generator=g)
-    imp = torch.rand(128, generator=g) ** 4 * 100 + 0.01  # spread enough that AWQ's scaling wins
+    imp = torch.rand(128, generator=g) + 0.1
     qt = eoq.quantize_tensor(w, "ecsq", 3.5, importance=imp, awq=True, row_importance=_row_weights(300))
     assert "awq_scales" in qt.side and qt.side["steps"].shape == (300,) and qt.bits_per_weight() <= 3.5
     with pytest.raises(ValueError, match="row_importance has 7 values for 300 rows"):

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .quantized import QuantizedTensor, evenly_spaced_rows, exact_sum, smoothed_row_weights, weighted_error
+from .quantized import QuantizedTensor, evenly_spaced_rows, exact_sum, weighted_error
 
 ALPHAS = tuple(i / 20 for i in range(21))
 # With error feedback every candidate costs a factorization of its scaled covariance and a
@@ -46,19 +46,13 @@ def awq_quantize(impl, w: torch.Tensor, bits, block_size, importance: torch.Tens
     if getattr(impl, "RATE_TARGET", False) and "step" not in options and "lam" not in options:
         bits = float(bits) - 16.0 / w.shape[0]  # the fp16 AWQ scales come out of the same budget
     sample, sample_options = w, options
-    raw_rows = options.get("row_importance")
-    # the errors are weighed as the method weighs them: smoothed, an unseen row counting too
-    rows_w = None if raw_rows is None else smoothed_row_weights(torch.as_tensor(raw_rows), options.get("row_tokens"))
+    rows_w = options.get("row_importance")
     if awq_rows is not None and w.shape[0] > awq_rows:
         idx = evenly_spaced_rows(w.shape[0], awq_rows)
         sample = w[idx].float()  # (w may be bf16: a tensor ecsq streams)
-        if rows_w is not None:  # the sample's own rows keep their weights, and their prior:
-            raw = torch.as_tensor(raw_rows).double().reshape(-1)
-            total, part = exact_sum(raw), exact_sum(raw[idx])
-            tokens = float(options.get("row_tokens") or raw.numel())
-            rows_w = rows_w[idx]  # the sample's tokens scaled so each row's prior stays total / tokens
-            sample_options = {**options, "row_importance": raw[idx],
-                              "row_tokens": tokens * part / total if total > 0 else None}
+        if rows_w is not None:  # the sample's own rows keep their weights
+            rows_w = torch.as_tensor(rows_w).reshape(-1)[idx]
+            sample_options = {**options, "row_importance": rows_w}
     hessian = options.get("hessian")
     if hessian is not None and alphas is ALPHAS:
         alphas = FEEDBACK_ALPHAS

@@ -26,13 +26,8 @@ of one calibration token (``row_tokens`` = how many tokens the weights were summ
 an unseen token is treated like one seen once, not as worthless; and rho' is clipped to
 ROW_RANGE times its geometric mean either way, so the multipliers span at most
 2 * log2(ROW_RANGE) / 2 = 4 bits and the finest rows cannot push the shared 256-code
-alphabet's step floor (below) up for everybody. The distortion every search and curve
-measures weighs row i's error by the unclipped rho'_i too (quantized.smoothed_row_weights):
-with the raw weights an unseen row's error counted for nothing, so a vocabulary sized from a
-few thousand calibration tokens was judged on its seen rows alone and starved (on
-SmolLM2-135M at 4 bits the whole model's KL on two texts the calibration never saw dropped
-3.6 % and 8.2 %). The per-row steps are stored (32 bits a row), so the dequantizer is the
-``group_rows=1`` one.
+alphabet's step floor (below) up for everybody. The per-row steps are stored (32 bits a
+row), so the dequantizer is the ``group_rows=1`` one.
 
 Error feedback (option ``hessian=``, the input covariance E[a a^T] of the Linear; GPTQ,
 eoq.methods.feedback): the rotated rows are quantized column by column on the same grid (the same
@@ -96,14 +91,14 @@ from .. import ops
 from . import ecsq_search as search
 from .ecsq_codes import (LEVELS, coded_bits, counts_coded_bits, low_bits_for, merge_histograms,  # noqa: F401
                          split_bytes, split_codes, stored_code_bytes, stream_overhead_bits)
-from .quantized import (ROW_PRIOR, QuantizedTensor, block_sums, exact_sum, smoothed_row_weights,  # noqa: F401
-                        weighted_error, weighted_error_blocks)
+from .quantized import QuantizedTensor, block_sums, exact_sum, weighted_error, weighted_error_blocks
 from . import rotation
 
 DEFAULT_BLOCK = 512
 GOLDEN = (math.sqrt(5) - 1) / 2  # golden-section search of a row group's step (Problem.best_step)
 RATE_TARGET = True  # `bits` is a coded rate that side data counts against
 COL_SCALE = True    # quantize() takes col_scale= (AWQ's scales applied as the rows are read)
+ROW_PRIOR = 1.0      # an unseen row weighs like a token seen once (additive smoothing)
 ROW_RANGE = 16.0     # row weights clipped to [gm / 16, gm * 16]: step multipliers within 4x either way
 MAX_BITS = 12.0      # the largest target rate: Gaussian rows need ~2^(bits-2) * 9 < LEVELS levels
 RECON_MAX = 4        # fitted reconstruction levels |q| = 1..4: where cells are wide against the density
@@ -128,8 +123,13 @@ def row_multipliers(row_importance: torch.Tensor, row_tokens: Optional[float] = 
     """Step multipliers m_i (float32, geometric mean 1) from per-row weights (module docstring).
     Every sum is an exact_sum: a vocabulary's rows (> 32 768) are otherwise summed by thread,
     and the stored steps would change with the thread count."""
-    rho = smoothed_row_weights(row_importance, row_tokens)
+    rho = row_importance.double().clamp_min(0)
     n = rho.numel()
+    total = exact_sum(rho)
+    if total <= 0:  # nothing seen at all: every row alike
+        return torch.ones(n, dtype=torch.float32)
+    tokens = float(row_tokens) if row_tokens else float(n)
+    rho = rho + ROW_PRIOR * total / max(tokens, 1.0)
     gm = math.exp(exact_sum(rho.log()) / n)
     rho = rho.clamp(gm / ROW_RANGE, gm * ROW_RANGE)
     m = rho.pow(-0.5)
@@ -154,8 +154,7 @@ class Problem:
         self.w, self.seed, self.imp, self.col_scale = w, seed, importance, col_scale
         self.u = feedback_u  # error feedback's factor in the rotated domain, or None
         self.rows = rows = w.shape[0]
-        # the errors are weighed with the same smoothed weights that set the steps
-        self.rows_w = None if row_importance is None else smoothed_row_weights(row_importance, row_tokens).reshape(-1, 1)
+        self.rows_w = None if row_importance is None else row_importance.double().reshape(-1, 1)
         self.m = None if row_importance is None else row_multipliers(row_importance, row_tokens).reshape(-1, 1)
         g = rows if not group_rows else int(group_rows)
         self.groups = [slice(r, min(rows, r + g)) for r in range(0, rows, g)]

@@ -148,25 +148,6 @@ def exact_sum(t: torch.Tensor) -> float:
     return math.fsum(block_sums(t))
 
 
-ROW_PRIOR = 1.0  # an unseen row weighs like a token seen once (additive smoothing)
-
-
-def smoothed_row_weights(row_importance: torch.Tensor, row_tokens: Optional[float] = None) -> torch.Tensor:
-    """Per-row weights (float64) with additive smoothing: every row gets ROW_PRIOR times the
-    average weight of one calibration token on top of its own (``row_tokens``: how many tokens
-    the weights were summed over; the row count when not given), so a token the calibration
-    never used counts like one seen once, not as worthless. Nothing seen at all: every row 1.
-    These weights both set the rows' steps and weigh their errors (ecsq, AWQ, the allocator's
-    curves): with the raw weights an unseen row's error counted for nothing, and a 152k-row
-    vocabulary measured on 2k calibration tokens was sized from its seen rows alone."""
-    rho = row_importance.double().clamp_min(0).reshape(-1)
-    total = exact_sum(rho)
-    if total <= 0:
-        return torch.ones(rho.numel(), dtype=torch.float64)
-    tokens = float(row_tokens) if row_tokens else float(rho.numel())
-    return rho + ROW_PRIOR * total / max(tokens, 1.0)
-
-
 def code_entropy_bits(codes: torch.Tensor) -> float:
     """Empirical order-0 entropy of uint8 codes, in bits per code."""
     # bincount takes the bytes as they are: .long() would copy 8 bytes a code (4 GiB for a head)
