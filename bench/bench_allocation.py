@@ -40,7 +40,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(a.threads)
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
     from _report import write_json
-    from compare import base_folder, tokens
+    from compare import base_folder, stored_parameters, tokens
 
     import eoq
     from eoq.evaluate.compare import evaluate_tokens, load_model
@@ -52,6 +52,7 @@ def main(argv=None) -> int:
     if not (cal / "sensitivity.safetensors").is_file():
         eoq.calibrate_model(folder, cal, eoq.QuantConfig(calibration="self"), progress=False)
     base, _, _ = load_model(folder)
+    n_params = stored_parameters(folder)
     texts = [(t, *tokens(folder, t)[:2]) for t in a.texts.split(",")]
     caches = {t: {} for t, _, _ in texts}
     rows = []
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
                                    stats=cal / "calib_stats.safetensors", sensitivity=cal / "sensitivity.safetensors",
                                    overwrite=True, progress=False)
             row = {"bits": bits, "allocation": alloc, "convert_s": time.perf_counter() - t0,
-                   "bpp": 8 * m["totals"]["stored_bytes"] / sum(p.numel() for p in base.parameters()),
+                   "bpp": 8 * m["totals"]["stored_bytes"] / n_params,
                    "predicted_kl": (m.get("allocation") or {}).get("predicted_kl")}
             model, _ = eoq.load_quantized(out, dtype=torch.float32)
             for text, ids, bos in texts:

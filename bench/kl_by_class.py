@@ -37,14 +37,11 @@ CLASSES = {  # class -> regex over parameter names (Llama / Qwen2 / Mistral nami
 
 def class_bits(manifest: dict, pattern: str) -> tuple[int, float]:
     """(parameters, stored bits per weight) of a class in an eoq manifest."""
-    params = nbytes = 0
-    for name, e in manifest["tensors"].items():
-        if re.search(pattern, name) and e.get("kind") != "tied":
-            n = 1
-            for d in e["shape"]:
-                n *= d
-            params += n
-            nbytes += e["stored_bytes"]
+    from eoq.format.repo import entry_numel
+
+    picked = [e for name, e in manifest["tensors"].items() if re.search(pattern, name) and e.get("kind") != "tied"]
+    params = sum(entry_numel(e) for e in picked)
+    nbytes = sum(e["stored_bytes"] for e in picked)
     return params, (8 * nbytes / params if params else float("nan"))
 
 
