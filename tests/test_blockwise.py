@@ -218,7 +218,11 @@ def test_calibration_memory_estimate_by_part(tmp_path, monkeypatch):
     h = config.hidden_size
     assert more["hidden states of the calibration sequences"] == 2 * base["hidden states of the calibration sequences"]
     assert more["the Fisher pass's stored inputs of one block (the rest on disk)"] == 4 * 500 * h
-    assert "input covariances for error feedback (float64, all kept)" in more and len(base) == len(more) - 1
+    cov = [v for k, v in more.items() if k.startswith("input covariances for error feedback: one block's")]
+    assert len(cov) == 1 and len(base) == len(more) - 1
+    # one block's four distinct inputs (counted per Linear: q, k, v, o, gate, up read hidden-wide
+    # inputs, down the intermediate) and the head's; the other block's are on disk
+    assert cov[0] == 8 * (6 * h * h + config.intermediate_size ** 2) + 8 * h * h
     sampled = blockwise.calibration_memory(config, tokens=1000, seq_len=100, fisher_tokens=0, covariance=False,
                                            cache_tokens=1000)
     kv = config.num_key_value_heads * (h // config.num_attention_heads)

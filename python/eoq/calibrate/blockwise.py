@@ -478,7 +478,8 @@ def calibration_memory(config, tokens: int, seq_len: int, fisher_tokens: int, co
     one block's stored inputs in the Fisher pass (eoq.calibrate.stored_inputs keeps the others on disk),
     one sequence's working set inside a block and at the head, with ``cache_tokens`` sampled
     (eoq.calibrate.sampling_blockwise) their key/value cache and one step's logits, and, with error
-    feedback, every Linear's input covariance (float64)."""
+    feedback, the input covariances of one block (eoq.calibrate.covariance_store keeps the others on disk)
+    and of the Linears outside the blocks (float64)."""
     from ..format.sources import model_class
 
     with torch.device("meta"):
@@ -513,8 +514,13 @@ def calibration_memory(config, tokens: int, seq_len: int, fisher_tokens: int, co
         need["the sampled text's key/value cache and one step's logits (float32)"] = 4 * (
             2 * len(blocks) * cache_tokens * kv_heads * head_dim + 3 * cache_tokens * vocab // max(1, seq_len))
     if covariance:  # at most one n x n matrix per Linear (inputs shared by several count once in fact)
-        need["input covariances for error feedback (float64, all kept)"] = sum(
-            8 * m.in_features ** 2 for m in model.modules() if isinstance(m, torch.nn.Linear))
+        def cov(modules):
+            return sum(8 * m.in_features ** 2 for m in modules if isinstance(m, torch.nn.Linear))
+
+        inside = {id(m) for b in blocks for m in b.modules()}
+        need["input covariances for error feedback: one block's (the others on disk) and those outside the "
+             "blocks (float64)"] = max(cov(b.modules()) for b in blocks) + cov(
+            m for m in model.modules() if id(m) not in inside)
     return need
 
 

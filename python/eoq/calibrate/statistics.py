@@ -15,13 +15,14 @@ history, since its inputs were identical until then) and goes on alone. The floa
 provides the inputs (not the already-quantized blocks): the statistics do not depend on the
 quantization settings, so one calibration serves every conversion; GPTQ's papers find the
 difference small at 4 bits and up. Memory: 8 n^2 bytes per distinct input (SmolLM2-135M:
-~0.8 GB; an 8 B model's would be ~75 GB, which is why the real-size work is to use each
-block's as soon as it is collected). ``collect_stats_blockwise`` runs a folder's model one
-block at a time from its files (eoq.calibrate.blockwise), with the same results bit for bit.
+~0.8 GB; Qwen2.5-1.5B 18 GB; an 8 B model ~65 GB). ``collect_stats_blockwise`` runs a
+folder's model one block at a time from its files (eoq.calibrate.blockwise), with the same
+results bit for bit, and with ``spill_to`` writes each block's matrices to disk as the block
+ends (eoq.calibrate.covariance_store), so a conversion holds one block's.
 
 Saved as one safetensors file keyed by module name (``<name>.sum_sq``, ``<name>.sum``,
 ``<name>.count``, and ``<name>.sum_outer`` for each matrix once, the sharing in the
-metadata), with the calibration source and token counts in its metadata, and loaded back for
+metadata; a matrix on disk is named by its file, relative to the statistics file's folder), with the calibration source and token counts in its metadata, and loaded back for
 reuse across runs.
 
 Calibration text comes from a file path, a ``datasets`` name (``name[:config[:split]]``,
@@ -42,6 +43,8 @@ from typing import Iterable, Optional, Union
 
 import torch
 
+from .covariance_store import StoredCovariance, from_reference, outer_of, reference, spill
+
 EVALUATION_TEXTS = ("wiki.test.raw",)
 
 
@@ -50,12 +53,15 @@ class ActStats:
     sum_sq: torch.Tensor  # float64 [in_features]
     sum: torch.Tensor     # float64 [in_features]
     count: int            # tokens seen
-    sum_outer: Optional[torch.Tensor] = None  # float64 [in, in]: sum of a a^T (may be shared between Linears)
+    # float64 [in, in]: sum of a a^T (may be shared between Linears), or a StoredCovariance
+    # handle to it on disk (eoq.calibrate.covariance_store: the block pass's bounded memory)
+    sum_outer: Optional[Union[torch.Tensor, StoredCovariance]] = None
 
     @property
     def hessian(self) -> Optional[torch.Tensor]:
-        """E[a a^T] (float64), the input covariance error feedback weighs errors with."""
-        return None if self.sum_outer is None else self.sum_outer / max(self.count, 1)
+        """E[a a^T] (float64), the input covariance error feedback weighs errors with (read
+        from its file when stored there: a new tensor at each call)."""
+        return None if self.sum_outer is None else outer_of(self.sum_outer) / max(self.count, 1)
 
     @property
     def mean_sq(self) -> torch.Tensor:
@@ -186,11 +192,14 @@ def collect_stats(model: torch.nn.Module, sequences: Iterable[torch.Tensor],
 
 @torch.no_grad()
 def collect_stats_blockwise(runner, sequences: Iterable[torch.Tensor], include: Optional[callable] = None,
-                            progress: bool = True, covariance: bool = False) -> dict[str, ActStats]:
+                            progress: bool = True, covariance: bool = False,
+                            spill_to: Optional[os.PathLike] = None) -> dict[str, ActStats]:
     """``collect_stats`` on a model run one block at a time from its files (an
     eoq.calibrate.blockwise.BlockRunner): the same statistics, bit for bit, holding one block instead of
-    the model. With covariance each block's matrices exist only once that block has run, but
-    they are all returned: memory for them is still the whole model's (8 n^2 bytes per input)."""
+    the model. With covariance each block's matrices exist once that block has run; with
+    ``spill_to`` (a folder) they are written there as the block ends and the statistics hold
+    handles to them (eoq.calibrate.covariance_store), so memory holds one block's matrices, not
+    the model's (8 n^2 bytes per distinct input)."""
     seqs = list(sequences)
     stats: dict[str, ActStats] = {}
 
@@ -201,6 +210,8 @@ def collect_stats_blockwise(runner, sequences: Iterable[torch.Tensor], include: 
     def block_stats(name, block):
         with recording(block, wanted, covariance, prefix=name + ".") as s:
             yield
+        if covariance and spill_to is not None:
+            spill(s, spill_to, name)
         stats.update(s)
 
     @contextlib.contextmanager
@@ -236,21 +247,24 @@ def save_stats(stats: dict[str, ActStats], path: Union[str, os.PathLike], source
     """Write to a temporary name and rename, so a reader never sees a partial file."""
     from safetensors.torch import save_file
 
-    tensors, shared, first = {}, {}, {}
+    path = pathlib.Path(path)
+    tensors, shared, first, stored = {}, {}, {}, {}
     for name, s in sorted(stats.items()):
         tensors[f"{name}.sum_sq"] = s.sum_sq.contiguous()
         tensors[f"{name}.sum"] = s.sum.contiguous()
         tensors[f"{name}.count"] = torch.tensor([s.count], dtype=torch.int64)
         if s.sum_outer is not None:  # each matrix once; the others name who holds it
             holder = first.setdefault(id(s.sum_outer), name)
-            if holder == name:
-                tensors[f"{name}.sum_outer"] = s.sum_outer.contiguous()
-            else:
+            if holder != name:
                 shared[name] = holder
-    path = pathlib.Path(path)
+            elif isinstance(s.sum_outer, StoredCovariance):  # named, not copied into this file
+                stored[name] = reference(s.sum_outer, path)
+            else:
+                tensors[f"{name}.sum_outer"] = s.sum_outer.contiguous()
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "eoq-act-stats-1", "source": source,
-                                          "modules": json.dumps(sorted(stats)), "shared": json.dumps(shared)})
+                                          "modules": json.dumps(sorted(stats)), "shared": json.dumps(shared),
+                                          "stored": json.dumps(stored)})
     os.replace(tmp, path)
 
 
@@ -264,6 +278,9 @@ def load_stats(path: Union[str, os.PathLike]) -> dict[str, ActStats]:
         out = {}
         keys = set(f.keys())
         shared = json.loads(meta.get("shared", "{}"))
+        stored = json.loads(meta.get("stored", "{}"))
+        if not isinstance(stored, dict):
+            raise ValueError(f"{path}: the covariance references are malformed")
         for name in json.loads(meta["modules"]):
             try:
                 s = ActStats(f.get_tensor(f"{name}.sum_sq"), f.get_tensor(f"{name}.sum"),
@@ -275,6 +292,8 @@ def load_stats(path: Union[str, os.PathLike]) -> dict[str, ActStats]:
                     s.sum_outer = f.get_tensor(f"{name}.sum_outer")
                     if s.sum_outer.shape != (n, n):
                         raise ValueError(f"sum_outer has shape {list(s.sum_outer.shape)}, expected [{n}, {n}]")
+                elif name in stored:
+                    s.sum_outer = from_reference(stored[name], pathlib.Path(path), n, name)
                 out[name] = s
             except Exception as e:  # a missing or mistyped key: say which
                 raise ValueError(f"{path}: statistics of {name!r} are missing or damaged ({e})") from e

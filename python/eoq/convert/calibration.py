@@ -20,6 +20,7 @@ from .quant_config import QuantConfig
 
 
 FAULT_SENSITIVITY_ENV = "EOQ_FAULT_IN_SENSITIVITY"  # tests: die once the Fisher pass ran, before it is kept
+COVARIANCE_DIR = "calib_covariance"  # each block's input covariances, beside calib_stats (covariance_store)
 
 
 def has_covariance(stats: Optional[dict]) -> bool:
@@ -60,7 +61,7 @@ def calibrate(source: Source, config: QuantConfig, root: pathlib.Path, progress:
                               sum(map(len, seqs[:config.sensitivity_sequences])) if fisher else 0,
                               covariance and stats is None, scratch=root) if stats is None or fisher else None
         if stats is None:
-            stats, model = activation_stats(source, seqs, covariance, progress, runner)
+            stats, model = activation_stats(source, seqs, covariance, progress, runner, root / COVARIANCE_DIR)
             cal.save_stats(stats, path, source=config.calibration)  # kept before the Fisher pass
         shape = (len(seqs), config.calib_seq_len)
         if want_sens:
@@ -103,7 +104,7 @@ def calibrate(source: Source, config: QuantConfig, root: pathlib.Path, progress:
         new_stats = None
         if stats is None:  # the tokens generate() ran while sampling: BOS and all but the last sampled one
             new_stats = cal.collect_stats_blockwise(runner, [s[:-1] for s in seqs], progress=progress,
-                                                    covariance=covariance)
+                                                    covariance=covariance, spill_to=root / COVARIANCE_DIR)
             cal.save_stats(new_stats, path, source=config.calibration)
         model = None
     stats = new_stats if stats is None else stats
@@ -132,15 +133,17 @@ def block_runner(source: Source, tokens: int = 0, seq_len: int = 0, fisher_token
 
 
 def activation_stats(source: Source, seqs: list, covariance: bool, progress: bool,
-                     runner=None) -> tuple[dict, Optional[torch.nn.Module]]:
+                     runner=None, spill_to: Optional[os.PathLike] = None) -> tuple[dict, Optional[torch.nn.Module]]:
     """(statistics, the loaded model or None): with a BlockRunner (block_runner: a folder's
     model) the model is run one block at a time from its files (eoq.calibrate.blockwise: the same
-    statistics bit for bit, one block in memory); without one (a model without a list of
-    repeated blocks, or one given in memory) it runs whole."""
+    statistics bit for bit, one block in memory; its covariances written to ``spill_to`` as
+    each block ends); without one (a model without a list of repeated blocks, or one given in
+    memory) it runs whole."""
     from ..calibrate import statistics as cal
 
     if runner is not None:
-        return cal.collect_stats_blockwise(runner, seqs, progress=progress, covariance=covariance), None
+        return cal.collect_stats_blockwise(runner, seqs, progress=progress, covariance=covariance,
+                                           spill_to=spill_to), None
     model = source.load_model()
     return cal.collect_stats(model, seqs, progress=progress, covariance=covariance), model
 

@@ -44,9 +44,9 @@ parameter (in float32) and its codes at a time, plus one output shard while asse
 Calibration runs a folder's model one decoder block at a time, read from its files
 (eoq.calibrate.blockwise): the activation statistics and the sensitivity (Fisher) pass, each equal to
 its whole-model version; a model given in memory, or one without a list of repeated
-blocks, runs whole. The covariances for error feedback are still all kept until the
-conversion ends; quantizing each block as its statistics are done is the rest of the
-real-size work (issue 17).
+blocks, runs whole. The input covariances error feedback needs go to disk block by block
+as the statistics pass runs (eoq.calibrate.covariance_store, in the partial folder), and
+each quantization job reads its own matrix back: one in memory per job in flight.
 """
 
 from __future__ import annotations
