@@ -87,6 +87,32 @@ def test_rd_curve_matches_ecsq_at_its_rates():
 
 
 @pytest.mark.parametrize("rows_weighted", [False, True])
+def test_absolute_curve_is_the_weighted_mean_square_error(rows_weighted):
+    """ERROR_MODEL "white": the same points, the distortion over sum rho * sum a instead of the
+    weighted energy; quantized at a point's rate, the decoded error's weighted mean square is
+    the curve's within a few %."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(96, 256, generator=g) * 0.05
+    imp = torch.rand(256, generator=g).add(0.1)
+    rows_w = torch.rand(96, generator=g).add(0.5) if rows_weighted else None
+    args = dict(importance=imp, seed=2, min_bits=2.0, max_bits=6.0, row_importance=rows_w,
+                row_tokens=500 if rows_weighted else None)
+    rates, rel = allocate.rd_curve(w, **args)
+    rates_abs, ab = allocate.rd_curve(w, **args, absolute=True)
+    assert rates_abs == rates
+    rho = rows_w.double() if rows_weighted else torch.ones(96, dtype=torch.float64)
+    energy = float((rho[:, None] * imp.double() * w.double().pow(2)).sum())
+    total = float(rho.sum() * imp.double().sum())
+    for r, a in zip(rel, ab):
+        assert a * total == pytest.approx(r * energy, rel=1e-7)
+    i = len(rates) // 2
+    qt = ecsq.quantize(w, rates[i], seed=2, importance=imp, row_importance=rows_w,
+                       row_tokens=500 if rows_weighted else None)
+    err = float((rho[:, None] * imp.double() * (ecsq.dequantize(qt) - w).double().pow(2)).sum()) / total
+    assert err == pytest.approx(ab[i], rel=0.08)
+
+
+@pytest.mark.parametrize("rows_weighted", [False, True])
 def test_rd_curve_of_a_sample_of_rows_is_the_whole_tensors(monkeypatch, rows_weighted):
     """Above CURVE_SAMPLE weights the curve is measured on evenly spaced rows: its rates and
     relative distortions stay those of the whole tensor (rows of different scales, input

@@ -46,6 +46,8 @@ def test_fisher_predicts_noise_injection(model, seqs):
     for n in NAMES:
         predicted = s.noise_coefficient(n) * 1e-3
         assert 0.5 < measured[n] / predicted < 2.0, (n, measured[n], predicted)
+        # white noise is what the allocator's error model assumes: the same prediction per mean square
+        assert s.white_coefficient(n) * s.mean_w2[n] == pytest.approx(s.noise_coefficient(n), rel=1e-12)
     rows, tokens = s.row_weights("model.embed_tokens.weight")
     assert rows.shape == (320,) and tokens == s.tokens and bool((rows > 0).all())  # tied: the head sees every row
     assert s.coefficient("model.layers.0.self_attn.v_proj.weight") > 0

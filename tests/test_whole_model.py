@@ -82,8 +82,8 @@ def test_allocation_follows_the_coefficients(tiny, tmp_path):
     names = [n for n, p in model.named_parameters(remove_duplicate=False) if p.dim() == 2]
 
     def run(c_key, out):
-        s = Sensitivity(100, {n: 1.0 for n in names}, {n: (c_key if n == key else 1.0) for n in names},
-                        {n: 1.0 for n in names}, {})
+        c = {n: (c_key if n == key else 1.0) for n in names}  # both sums: either error model follows
+        s = Sensitivity(100, dict(c), dict(c), {n: 1.0 for n in names}, {})
         return eoq.quantize_model(tiny["llama"], tmp_path / out, eoq.QuantConfig(bits=3.0), stats=stats,
                                   sensitivity=s, progress=False, verbose=False)
 

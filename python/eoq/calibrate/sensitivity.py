@@ -88,6 +88,14 @@ class Sensitivity:
             return None
         return self.fisher_w2[name] / (2.0 * self.tokens)
 
+    def white_coefficient(self, name: str) -> Optional[float]:
+        """KL per token ~ this * the mean squared error of tensor t's weights, for an error
+        spread evenly over each row (rows weighted by their Fisher sums when they differ):
+        sum F / 2. What a rotated quantizer's error is (eoq.convert.allocate.ERROR_MODEL)."""
+        if not self.tokens or name not in self.fisher:
+            return None
+        return self.fisher[name] / (2.0 * self.tokens)
+
     def noise_coefficient(self, name: str) -> Optional[float]:
         """KL per token ~ this * eps for white noise of relative mean square eps in tensor t."""
         if not self.tokens or name not in self.fisher:

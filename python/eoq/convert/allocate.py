@@ -7,12 +7,17 @@ sum_i n_i R_i = B (n_i weights, R_i bits/weight of tensor i) is solved by equal 
 tensor sits where one more bit per weight buys the same reduction c_i dD_i / (n_i dR_i) (a
 Lagrange multiplier, the classic reverse water-filling).
 
-Which D and c: D_i is the *relative* weighted error of the tensor,
-sum rho_r a_c dW_rc^2 / sum rho_r a_c W_rc^2 (a_c = E[x_c^2] of its inputs when activation
-statistics exist, rho_r its row weights: the token embedding's and output head's), and c_i
-its end-to-end sensitivity, measured by the Fisher pass (eoq.calibrate.sensitivity): then
-sum_i c_i D_i is the predicted KL divergence of the output, and the allocation minimises it
-("sensitivity", the default with calibration). Without that pass ("proxy", the default
+Which D and c, with the Fisher pass (eoq.calibrate.sensitivity; "sensitivity", the default with
+calibration): KL ~ sum_rc F_rc dW_rc^2 / 2 per token, and ecsq's rotation spreads each row's
+error evenly over the row, so with sigma_r^2 row r's mean squared error KL ~ sum_r (sum_c F_rc)
+sigma_r^2 / 2. Hence (ERROR_MODEL "white") D_i = sum rho_r a_c dW_rc^2 / (sum rho_r sum a_c),
+the weighted mean squared error (a_c = E[x_c^2] of its inputs when activation statistics
+exist, rho_r the row weights of the token embedding and output head, their Fisher row sums),
+and c_i = sum F / 2: then sum_i c_i D_i is the predicted KL divergence of the output, and the
+allocation minimises it. Until 2026-12 c_i was sum F W^2 / 2 over the *relative* error (D
+over sum rho a W^2; "relative"), which reads the error as scaling with each weight's W^2: it
+agrees when F and W^2 are uncorrelated, and under-predicted Qwen2.5-Coder-1.5B's down
+projections 3.1x against gate's 1.2x, starving them (bench/kl_prediction.py, BENCHMARKS.md). Without that pass ("proxy", the default
 data-free) every c_i is 1: equal slope of the layers' own relative errors, which knows
 nothing of how the network amplifies an error downstream. Measured on SmolLM2-135M-
 dithered's down projections at 4 bits/weight with calibration (8 WikiText-2 windows): uniform
@@ -76,6 +81,13 @@ import torch
 from ..methods import ecsq
 from ..methods.quantized import evenly_spaced_rows
 
+# How a tensor's error becomes KL (module docstring, "Which D and c"): "white", the error
+# spread evenly over each row (what the rotation does), KL = sum F / 2 x the weighted mean
+# squared error; "relative", KL = sum F W^2 / 2 x the relative error, which assumes the error
+# of each weight scales with W^2. Measured against each class's KL alone on Qwen2.5-Coder-1.5B
+# (bench/kl_prediction.py): "relative" under-predicted the down projections 3.1x and gate
+# 1.2x, "white" 1.6x and 1.0x; on SmolLM2 "white" predicts the whole model's KL within 2 %.
+ERROR_MODEL = "white"
 GRID = 32            # steps per curve: rates ~0.35 bit apart from 0 to max_bits + 2 bits/weight
 TOP_MARGIN = 2.0     # the finest step is aimed at max_bits + 2 (the Gaussian estimate's margin)
 # Whether a conversion with error feedback allocates on feedback's own curves. Off: measured on
@@ -103,12 +115,15 @@ def round_sig(x: float) -> float:
 def rd_curve(w: torch.Tensor, importance: Optional[torch.Tensor] = None, block_size: Optional[int] = None,
              seed: int = 0, min_bits: float = 2.0, max_bits: float = 8.0, row_importance=None,
              row_tokens=None, hessian: Optional[torch.Tensor] = None, damp: float = 0.01,
-             hessian_tokens: Optional[int] = None, name: str = "tensor") -> tuple[list[float], list[float]]:
+             hessian_tokens: Optional[int] = None, name: str = "tensor",
+             absolute: bool = False) -> tuple[list[float], list[float]]:
     """(rates, relative distortions) of ecsq on weight w [rows, cols] at GRID steps, clipped to
     [min_bits, max_bits] bits/weight (end points interpolated), rates increasing. Row importance
     (an embedding's or head's) is used as ecsq uses it: row steps, and rows weighted in D.
     With ``hessian`` (the inputs' covariance) the points are those of error feedback
-    (ecsq.Problem.rate_and_output_error), at FEEDBACK_POINTS of the steps (module docstring)."""
+    (ecsq.Problem.rate_and_output_error), at FEEDBACK_POINTS of the steps (module docstring).
+    With ``absolute`` the distortions are the weighted mean squared error per weight instead
+    (over sum rho * sum a, not over the weighted energy of w): what ERROR_MODEL "white" needs."""
     w = w if ecsq.streams(w.numel(), hessian) and w.element_size() == 2 else w.float()  # streamed: bf16 kept
     n = w.numel()
     rows = w.shape[0]
@@ -122,7 +137,7 @@ def rd_curve(w: torch.Tensor, importance: Optional[torch.Tensor] = None, block_s
                      stream=hessian is None)
     if w.shape[0] < rows:
         scale_to = (rows * p.padded, rows if p.m is not None else p.stored_steps)
-    energy = p.energy() or 1.0
+    energy = (p.weight_total() if absolute else p.energy()) or 1.0
     # The finest step: where a Gaussian of the rows' RMS would cost max_bits + TOP_MARGIN bits
     # (h = log2(rms / step) + 2.05), no finer than ecsq's own floor p.lo.
     rms = p.rms()

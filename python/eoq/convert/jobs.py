@@ -81,7 +81,7 @@ def cached_curve(folder: pathlib.Path, args: tuple) -> tuple[list[float], list[f
     curve once."""
     h = hashlib.sha256(f"{__version__} {allocate.GRID} {allocate.FEEDBACK_POINTS} {allocate.CURVE_SAMPLE} "
                        f"{args[2:4]} {args[4:6]} {args[7]} "
-                       f"{args[9:11]}".encode())
+                       f"{args[9:11]} {args[12:]}".encode())
     for t in (args[0], args[1], args[6], args[8]):
         h.update(b"-" if t is None else memoryview(t.detach().float().contiguous().numpy()).cast("B"))
     path = pathlib.Path(folder) / f"curve-{h.hexdigest()[:32]}.json"
@@ -109,10 +109,11 @@ class CurveJob:
     row_tokens: int
     feedback: dict
     cache: Optional[str] = None
+    absolute: bool = False          # distortions as weighted mean squares (allocate.ERROR_MODEL "white")
 
 
 def curve_job(source: Source, config: QuantConfig, plans: dict, name: str, stats: Optional[dict],
-              sens: Optional[Sensitivity], curve_cache: Optional[pathlib.Path]) -> CurveJob:
+              sens: Optional[Sensitivity], curve_cache: Optional[pathlib.Path], absolute: bool = False) -> CurveJob:
     spec = source.spec(name)
     transposed = plans[name]["role"] == "conv1d"
     rows_w, row_tokens = row_importance_for(source, sens, name)
@@ -123,7 +124,7 @@ def curve_job(source: Source, config: QuantConfig, plans: dict, name: str, stats
     lo, hi = config.allocation_range
     return CurveJob(name, source.ref(name), transposed, importance_for(source, stats, name),
                     plans[name]["block_size"], tensor_seed(config.seed, name), lo, hi, rows_w, row_tokens, fb,
-                    str(pathlib.Path(curve_cache).absolute()) if curve_cache else None)
+                    str(pathlib.Path(curve_cache).absolute()) if curve_cache else None, absolute)
 
 
 def run_curve_job(job: CurveJob) -> tuple[list[float], list[float]]:
@@ -132,7 +133,7 @@ def run_curve_job(job: CurveJob) -> tuple[list[float], list[float]]:
     w = t.t() if job.transposed else t
     fb = job.feedback
     args = (w, job.importance, job.block_size, job.seed, job.lo, job.hi, job.row_weights, job.row_tokens,
-            fb.get("hessian"), fb.get("damp", 0.0), fb.get("hessian_tokens"), job.name)
+            fb.get("hessian"), fb.get("damp", 0.0), fb.get("hessian_tokens"), job.name, job.absolute)
     return cached_curve(pathlib.Path(job.cache), args) if job.cache else allocate.rd_curve(*args)
 
 

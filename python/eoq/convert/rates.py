@@ -61,10 +61,12 @@ def allocate_rates(source: Source, config: QuantConfig, partial: "Partial", plan
         rates = {n: rate for n in names}
     else:
         with_feedback = [0]  # tensors whose curve is error feedback's
+        # with the Fisher sums the error model decides the curves' unit (allocate.ERROR_MODEL)
+        white = mode == "sensitivity" and allocate.ERROR_MODEL == "white"
 
         def jobs():
             for n in names:
-                job = curve_job(source, config, plans, n, stats, sens, curve_cache)
+                job = curve_job(source, config, plans, n, stats, sens, curve_cache, absolute=white)
                 with_feedback[0] += bool(job.feedback)
                 yield job
 
@@ -76,7 +78,7 @@ def allocate_rates(source: Source, config: QuantConfig, partial: "Partial", plan
         curves = {}
         for name in names:  # in the tensors' order, whatever order the curves came in
             rates_, dists = measured[name]
-            c = sens.coefficient(name) if mode == "sensitivity" else 1.0
+            c = 1.0 if mode != "sensitivity" else sens.white_coefficient(name) if white else sens.coefficient(name)
             curves[name] = (sizes[name], rates_, [allocate.round_sig(d * c) for d in dists])
         rates = allocate.solve(curves, left)
         result["feedback_curves"] = with_feedback[0]

@@ -294,6 +294,12 @@ class Problem:
         scale = exact_sum(self.imp) / self.imp.numel() if self.imp is not None else 1.0
         return bits, exact_sum(e) * scale * self.w.shape[1] / self.padded
 
+    def weight_total(self) -> float:
+        """sum_r rho_r * sum_c a_c: what the weighted distortion of an error of 1 in every
+        weight would be (the divisor that makes a distortion a weighted mean square)."""
+        rows = exact_sum(self.rows_w) if self.rows_w is not None else float(self.rows)
+        return rows * (exact_sum(self.imp.double()) if self.imp is not None else float(self.w.shape[1]))
+
     def energy(self):
         """The distortion of an all-zero reconstruction (the weighted energy of w)."""
         blocks = []
