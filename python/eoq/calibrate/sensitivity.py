@@ -17,8 +17,12 @@ SmolLM2-dithered: noise in all 211 tensors at once gives 1.06x the sum of single
 KLs). For a tensor quantized with relative weighted error D_t = sum rho_i a_j dW_ij^2 /
 sum rho_i a_j W_ij^2 (a_j = E[x_j^2] of its inputs, rho_i its row weights, as ecsq's
 rate-distortion curves measure it), F_ij ~ rho_i a_j up to a constant gives
-KL_t ~ c_t * D_t with c_t = sum_ij F_ij W_ij^2 / 2 (per token). The allocator then
-minimises sum_t c_t D_t(R_t) under the size budget (eoq.convert.allocate).
+KL_t ~ c_t * D_t with c_t = sum_ij F_ij W_ij^2 / 2 (per token; ``coefficient``). But a
+rotated quantizer's error is white within each row, not proportional to W^2, so the
+allocator uses KL_t ~ (sum F / 2) * (weighted mean squared error) instead
+(``white_coefficient``, eoq.convert.allocate.ERROR_MODEL): the two differ wherever the Fisher
+sits on small or large weights, as in Qwen2.5's early down projections (BENCHMARKS.md). The
+allocator minimises sum_t KL_t(R_t) under the size budget.
 
 How F is estimated (``fisher_pass``): for each calibration sequence, one forward pass; at
 every position a next token is *sampled from the model's own distribution* (seeded); one
