@@ -12,9 +12,8 @@ time) and its error dW = W^ - W predicts the KL it causes, two ways:
     c_t * D_t, c_t = sum F W^2 / 2 per token, D_t = sum rho a dW^2 / sum rho a W^2; it reads
     the Fisher as if F_ij ~ rho_i a_j and the error as if it scaled with W^2 element by element.
   * ``absolute`` (ERROR_MODEL "white", the allocator's now; ``Sensitivity.white_coefficient``):
-    (sum F / 2 per token) * sum rho a dW^2 / (rows * sum a) (rho the row weights over their
-    mean): the error spread evenly over each row, as ecsq's rotation spreads it, not scaling
-    with each weight's W^2.
+    (sum F / 2 per token) * sum rho a dW^2 / (sum rho * sum a): the error spread evenly over
+    each row, as ecsq's rotation spreads it, not scaling with each weight's W^2.
 
 Both agree when F, a and W^2 are uncorrelated. With ``--measured`` (bench/kl_by_class.py's
 json: each class's KL, measured alone) the table gives measured / predicted per class: a
@@ -41,6 +40,7 @@ def predictions(base: str, quantized: str, calib_dir: str) -> dict[str, dict]:
     from eoq.calibrate.sensitivity import Sensitivity
     from eoq.calibrate.statistics import load_stats
     from eoq.format.sources import open_source
+    from eoq.methods.quantized import weighted_error
 
     src = open_source(base)
     manifest = json.loads((pathlib.Path(quantized) / "quant_manifest.json").read_text())
@@ -53,16 +53,15 @@ def predictions(base: str, quantized: str, calib_dir: str) -> dict[str, dict]:
         decoded = eoq.read_state_dict(quantized, dtype=torch.float32, names=chunk)
         for n in chunk:
             w = src.get(n).float()
-            dw = decoded.pop(n) - w
             s = stats.get(n[:-len(".weight")])
-            a = s.mean_sq.double() if s is not None and s.mean_sq.numel() == w.shape[1] else torch.ones(w.shape[1],
-                                                                                                      dtype=torch.float64)
+            a = s.mean_sq.double() if s is not None and s.mean_sq.numel() == w.shape[1] else None
             rho, _ = sens.row_weights(n)
-            rho = torch.ones(w.shape[0], dtype=torch.float64) if rho is None else rho.double() / rho.double().mean()
-            err = (rho[:, None] * dw.double().pow(2) * a).sum()
-            energy = (rho[:, None] * w.double().pow(2) * a).sum()
-            rel = sens.coefficient(n) * float(err / energy)
-            ab = sens.fisher[n] / (2.0 * sens.tokens) * float(err / (w.shape[0] * a.sum()))
+            err = weighted_error(w, decoded.pop(n), a, rho)
+            energy = weighted_error(w, torch.zeros_like(w), a, rho)
+            total = (float(rho.double().sum()) if rho is not None else w.shape[0]) * \
+                (float(a.sum()) if a is not None else w.shape[1])
+            rel = sens.coefficient(n) * err / energy
+            ab = sens.white_coefficient(n) * err / total
             out[n] = {"relative": rel, "absolute": ab, "params": w.numel()}
     return out
 

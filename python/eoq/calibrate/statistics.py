@@ -22,8 +22,9 @@ ends (eoq.calibrate.covariance_store), so a conversion holds one block's.
 
 Saved as one safetensors file keyed by module name (``<name>.sum_sq``, ``<name>.sum``,
 ``<name>.count``, and ``<name>.sum_outer`` for each matrix once, the sharing in the
-metadata; a matrix on disk is named by its file, relative to the statistics file's folder), with the calibration source and token counts in its metadata, and loaded back for
-reuse across runs.
+metadata; a matrix on disk is named by its file, relative to the statistics file's folder),
+with the calibration source and token counts in its metadata, and loaded back for reuse
+across runs.
 
 Calibration text comes from a file path, a ``datasets`` name (``name[:config[:split]]``,
 when the hub or a local cache is reachable), or ``"self"``: text sampled from the model

@@ -17,8 +17,8 @@ and c_i = sum F / 2: then sum_i c_i D_i is the predicted KL divergence of the ou
 allocation minimises it. Until 2026-12 c_i was sum F W^2 / 2 over the *relative* error (D
 over sum rho a W^2; "relative"), which reads the error as scaling with each weight's W^2: it
 agrees when F and W^2 are uncorrelated, and under-predicted Qwen2.5-Coder-1.5B's down
-projections 3.1x against gate's 1.2x, starving them (bench/kl_prediction.py, BENCHMARKS.md). Without that pass ("proxy", the default
-data-free) every c_i is 1: equal slope of the layers' own relative errors, which knows
+projections 3.1x against gate's 1.2x, starving them (bench/kl_prediction.py, BENCHMARKS.md).
+Without that pass ("proxy", the default data-free) every c_i is 1: equal slope of the layers' own relative errors, which knows
 nothing of how the network amplifies an error downstream. Measured on SmolLM2-135M-
 dithered's down projections at 4 bits/weight with calibration (8 WikiText-2 windows): uniform
 KLD 0.0317, proxy with the absolute output error 0.071 (the residual stream grows with
